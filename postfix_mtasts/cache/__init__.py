@@ -1,0 +1,170 @@
+"""The policy cache: one entry per domain, in a store that outlives the process.
+
+Every backend (memory, sqlite, redis, postgresql) implements
+:class:`IPolicyStore`; the lookup keeps a bounded in-memory front
+(:mod:`postfix_mtasts.cache.front`) before it so that a hit costs no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+from postfix_mtasts.policy.model import Mode, Policy
+
+
+class Source(enum.Enum):
+    """Where an entry's answer came from."""
+
+    #: A policy fetched over HTTPS and validated.
+    FETCHED = "fetched"
+    #: The domain publishes no MTA-STS record.
+    NEGATIVE = "negative"
+    #: A record promises a policy but it could not be fetched or validated.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """What the daemon knows about one domain.
+
+    A FETCHED entry is in force until ``expires_at`` (``fetched_at`` plus the
+    policy's max_age), whatever DNS or HTTPS say meanwhile. ``failed_id`` and
+    ``retry_at`` remember a failed fetch so that it is not retried before the
+    back-off, also when an older policy stays in force.
+    """
+
+    domain: str
+    source: Source
+    expires_at: float
+    checked_at: float
+    policy_id: str = ""
+    policy: Policy | None = None
+    policy_text: str = ""
+    fetched_at: float = 0.0
+    failed_id: str = ""
+    retry_at: float = 0.0
+    failure: str = ""
+    last_used: float = 0.0
+
+    def in_force(self, now: float) -> bool:
+        """True while this entry may still answer lookups."""
+        return now < self.expires_at
+
+    def touched(self, now: float) -> CacheEntry:
+        return replace(self, last_used=now)
+
+    def to_json(self) -> str:
+        """A stable text form, the same in every backend."""
+        doc: dict[str, Any] = {
+            "v": 1,
+            "domain": self.domain,
+            "source": self.source.value,
+            "expires_at": self.expires_at,
+            "checked_at": self.checked_at,
+            "policy_id": self.policy_id,
+            "policy_text": self.policy_text,
+            "fetched_at": self.fetched_at,
+            "failed_id": self.failed_id,
+            "retry_at": self.retry_at,
+            "failure": self.failure,
+            "last_used": self.last_used,
+        }
+        if self.policy is not None:
+            doc["policy"] = {
+                "mode": self.policy.mode.value,
+                "max_age": self.policy.max_age,
+                "mx": list(self.policy.mx),
+            }
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CacheEntry:
+        """Inverse of :meth:`to_json`; raises ``ValueError`` on anything malformed."""
+        try:
+            doc = json.loads(text)
+            if doc.get("v") != 1:
+                raise ValueError(f"unknown entry version {doc.get('v')!r}")
+            raw_policy = doc.get("policy")
+            policy = None
+            if raw_policy is not None:
+                policy = Policy(
+                    mode=Mode(raw_policy["mode"]),
+                    max_age=int(raw_policy["max_age"]),
+                    mx=tuple(str(p) for p in raw_policy["mx"]),
+                )
+            return cls(
+                domain=str(doc["domain"]),
+                source=Source(doc["source"]),
+                expires_at=float(doc["expires_at"]),
+                checked_at=float(doc["checked_at"]),
+                policy_id=str(doc["policy_id"]),
+                policy=policy,
+                policy_text=str(doc["policy_text"]),
+                fetched_at=float(doc["fetched_at"]),
+                failed_id=str(doc["failed_id"]),
+                retry_at=float(doc["retry_at"]),
+                failure=str(doc["failure"]),
+                last_used=float(doc["last_used"]),
+            )
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+            raise ValueError(f"malformed cache entry: {e}") from e
+
+
+class StoreUnavailable(Exception):
+    """The backing store cannot be reached right now (network, disk, lock)."""
+
+
+class IPolicyStore(Interface):
+    """Durable storage of :class:`CacheEntry` values, keyed by domain.
+
+    Methods are coroutines to be awaited from Twisted code (inside
+    ``Deferred.fromCoroutine``). A method that cannot reach the store raises
+    :class:`StoreUnavailable`; the lookup then keeps answering from memory.
+    """
+
+    name = Attribute("Short backend name for logs: 'sqlite', 'memory', ...")
+
+    async def open() -> None:
+        """Connect, create or migrate the schema. Called once before use."""
+
+    async def load(limit: int) -> list[CacheEntry]:
+        """Up to ``limit`` entries, most recently used first, to warm the front."""
+
+    async def get(domain: str) -> CacheEntry | None:
+        """The stored entry for ``domain``, or None."""
+
+    async def put(entry: CacheEntry) -> None:
+        """Store ``entry``; durable once the coroutine returns."""
+
+    async def put_many(entries: list[CacheEntry]) -> None:
+        """Store several entries in one transaction."""
+
+    async def delete(domain: str) -> None:
+        """Forget ``domain``."""
+
+    async def delete_all() -> None:
+        """Forget everything."""
+
+    async def prune(now: float) -> int:
+        """Delete entries no longer in force at ``now``; return how many."""
+
+    async def count() -> int:
+        """Number of stored entries."""
+
+    async def acquire_lease(domain: str, holder: str, ttl: float) -> bool:
+        """Claim the right to resolve ``domain`` for ``ttl`` seconds.
+
+        Shared stores use this so that one daemon of a fleet fetches a domain
+        at a time; local stores always grant it.
+        """
+
+    async def release_lease(domain: str, holder: str) -> None:
+        """Give up a lease taken with :meth:`acquire_lease`."""
+
+    async def close() -> None:
+        """Finish pending writes and release connections and files."""

@@ -1,0 +1,56 @@
+"""Every fixed size, timeout and interval of the daemon, named in one place.
+
+Values an administrator may want to change are also config keys; the numbers
+here are then only their defaults.
+"""
+
+# --- Postfix protocols -------------------------------------------------------
+#: Postfix's socketmap_max_query_size: longest request Postfix sends.
+SOCKETMAP_MAX_REQUEST = 10_000
+#: Postfix's socketmap_max_reply_size: a longer reply is an error in Postfix.
+SOCKETMAP_MAX_REPLY = 100_000
+#: Longest tcp_table request or reply line Postfix accepts (dict_tcp.c).
+TCP_TABLE_MAX_LINE = 4096
+#: Seconds an idle tcp_table connection is kept open by default.
+TCP_TABLE_IDLE_TIMEOUT = 60.0
+#: Seconds an idle socketmap connection is kept open by default. Postfix keeps
+#: its socketmap connections open for reuse; it reconnects when we close them.
+SOCKETMAP_IDLE_TIMEOUT = 300.0
+
+# --- RFC 8461 ---------------------------------------------------------------
+#: Largest max_age RFC 8461 §3.2 allows (about one year). Larger values are
+#: clamped to this; see policy.policyfile.
+MAX_AGE_LIMIT = 31_557_600
+#: Largest policy body accepted, after content decoding (RFC 8461 §3.3).
+POLICY_BODY_LIMIT = 64 * 1024
+#: Longest policy id (RFC 8461 §3.1).
+POLICY_ID_MAX_LENGTH = 32
+#: Total deadline for one HTTPS policy fetch, connect to last byte.
+FETCH_TIMEOUT = 30.0
+#: Deadline for one DNS query.
+DNS_TIMEOUT = 5.0
+
+# --- Cache ------------------------------------------------------------------
+#: Seconds between TXT id checks of a cached policy.
+RECHECK_INTERVAL = 60.0
+#: How long a lookup waits for such a check before answering from the cache.
+RECHECK_DEADLINE = 2.0
+#: How long a first (cold) lookup waits for discovery and fetch.
+FIRST_LOOKUP_DEADLINE = 20.0
+#: No new fetch for a TXT id whose fetch failed before this (RFC 8461 §3.3).
+FETCH_RETRY_BACKOFF = 300.0
+#: Bounds on how long "this domain has no MTA-STS" is remembered.
+NEGATIVE_TTL_MIN = 300.0
+NEGATIVE_TTL_MAX = 86_400.0
+#: Proactive refresh: re-fetch a policy once it is this old (RFC 8461 §3.3
+#: suggests daily).
+REFRESH_AFTER = 86_400.0
+#: How often the refresher looks for work, and how many fetches it runs at once.
+REFRESH_SCAN_INTERVAL = 60.0
+REFRESH_CONCURRENCY = 8
+#: Random delay added to each refresh so that a fleet does not fetch in step.
+REFRESH_JITTER = 300.0
+#: A policy nobody has asked for in this long is no longer refreshed.
+REFRESH_IDLE_LIMIT = 30 * 86_400.0
+#: Entries kept in the in-memory front of the cache.
+MEMORY_ENTRIES = 200_000

@@ -1,0 +1,83 @@
+"""Discovery over the network: the ``_mta-sts`` TXT record (DNS) and the policy
+file (HTTPS). The result types here are plain values; the lookup decides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+from postfix_mtasts.policy.model import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class TxtFound:
+    """Exactly one valid ``v=STSv1`` record: its id, and the RRset TTL."""
+
+    policy_id: str
+    ttl: int
+    record: str
+
+
+@dataclass(frozen=True, slots=True)
+class TxtAbsent:
+    """The domain publishes no usable MTA-STS record.
+
+    Covers NXDOMAIN, NODATA, no record starting ``v=STSv1;``, more than one
+    such record and a malformed one: RFC 8461 §3.1 treats all of them as "no
+    policy available". ``negative_ttl`` is the DNS negative-caching TTL (SOA
+    minimum) when the answer carried one, else the TTL of the TXT RRset.
+    """
+
+    reason: str
+    negative_ttl: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TxtFailed:
+    """DNS could not answer (timeout, SERVFAIL, refused, network error)."""
+
+    reason: str
+
+
+TxtResult = Union[TxtFound, TxtAbsent, TxtFailed]
+
+
+class FailureCategory:
+    """Why a fetch failed, in TLSRPT's words (RFC 8460 §4.3)."""
+
+    FETCH = "sts-policy-fetch-error"
+    INVALID = "sts-policy-invalid"
+    WEBPKI = "sts-webpki-invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOK:
+    """A policy fetched over validated HTTPS and parsed without error."""
+
+    policy: Policy
+    text: str
+    trace: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed:
+    """The fetch or the policy failed; ``reason`` is one line for the log."""
+
+    reason: str
+    category: str = FailureCategory.FETCH
+    trace: tuple[str, ...] = field(default=())
+
+
+FetchResult = Union[FetchOK, FetchFailed]
+
+
+class TxtResolver(Protocol):
+    """Looks up ``_mta-sts.<domain>``."""
+
+    async def lookup_sts(self, domain: str) -> TxtResult: ...
+
+
+class PolicyFetcher(Protocol):
+    """Fetches ``https://mta-sts.<domain>/.well-known/mta-sts.txt``."""
+
+    async def fetch(self, domain: str) -> FetchResult: ...
