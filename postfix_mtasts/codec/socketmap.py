@@ -97,7 +97,7 @@ class _NetstringReader:
             if self._buffer[length] != _COMMA:
                 self._fail(
                     f"netstring of length {length} not followed by ',' "
-                    f"(got {printable(bytes(self._buffer[length : length + 1]))!r})"
+                    f"(got '{printable(bytes(self._buffer[length : length + 1]))}')"
                 )
                 break
             payloads.append(bytes(self._buffer[:length]))
@@ -122,7 +122,7 @@ class _NetstringReader:
                 return True
             if not _ZERO <= byte <= _NINE:
                 self._fail(
-                    f"netstring length contains {printable(bytes([byte]))!r}, "
+                    f"netstring length contains '{printable(bytes([byte]))}', "
                     "expected a digit or ':'"
                 )
                 return False
@@ -172,13 +172,13 @@ def _parse_request(payload: bytes) -> SocketmapEvent:
     name, space, key = payload.partition(b" ")
     if not space:
         return MalformedRequest(
-            f"socketmap request has no space between name and key: {printable(payload)!r}"
+            f"socketmap request has no space between name and key: '{printable(payload)}'"
         )
     if not name:
         return MalformedRequest("socketmap request has an empty map name")
     if not key:
         return MalformedRequest(
-            f"socketmap request for map {printable(name)!r} has an empty key"
+            f"socketmap request for map '{printable(name)}' has an empty key"
         )
     return SocketmapRequest(name=name.decode("ascii", "replace"), key=key)
 

@@ -72,7 +72,7 @@ def unquote(data: bytes) -> bytes:
     def replace(match: re.Match[bytes]) -> bytes:
         digits = match.group(1)
         if len(digits) != 2 or not all(byte in _HEX_DIGITS for byte in digits):
-            raise ValueError(f"bad %-escape {printable(match.group(0))!r}")
+            raise ValueError(f"bad %-escape '{printable(match.group(0))}'")
         return bytes([int(digits, 16)])
 
     return _ESCAPE.sub(replace, data)
@@ -154,7 +154,7 @@ def _parse_request(line: bytes) -> TcpTableEvent:
             return MalformedRequest("empty tcp_table request")
         if line == _GET_PREFIX.rstrip():
             return MalformedRequest("tcp_table get request has no key")
-        return MalformedRequest(f"unknown tcp_table command {printable(command)!r}")
+        return MalformedRequest(f"unknown tcp_table command '{printable(command)}'")
     quoted = line[len(_GET_PREFIX) :]
     if not quoted:
         return MalformedRequest("tcp_table get request has an empty key")
@@ -163,7 +163,7 @@ def _parse_request(line: bytes) -> TcpTableEvent:
         # second parameter or a broken client.
         return MalformedRequest(
             f"tcp_table get key contains unquoted whitespace or control bytes: "
-            f"{printable(quoted)!r}"
+            f"'{printable(quoted)}'"
         )
     try:
         key = unquote(quoted)
@@ -223,7 +223,7 @@ class TcpTableReplyDecoder:
             match = _REPLY_LINE.fullmatch(line)
             try:
                 if match is None:
-                    raise ValueError(f"not 'CODE SP text': {printable(line)!r}")
+                    raise ValueError(f"not 'CODE SP text': '{printable(line)}'")
                 text = unquote(match.group(2))
             except ValueError as problem:
                 error = f"malformed tcp_table reply: {problem}"
