@@ -1,0 +1,592 @@
+"""Cache → fresh? → resolve: the RFC 8461 rules that decide every answer.
+
+A lookup answers from the in-memory front when it can (no I/O at all), falls
+back to the store, and only then asks DNS and HTTPS. A policy once fetched
+stays in force until its max_age runs out, whatever DNS or HTTPS say
+meanwhile; only a newly fetched, valid policy replaces it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from postfix_mtasts import limits
+from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source, StoreUnavailable
+from postfix_mtasts.cache.front import MemoryFront
+from postfix_mtasts.policy.answer import policy_answer
+from postfix_mtasts.policy.model import Answer, AnswerKind, Mode
+from postfix_mtasts.resolver import (
+    FetchOK,
+    PolicyFetcher,
+    TxtAbsent,
+    TxtFound,
+    TxtResolver,
+)
+from postfix_mtasts.stats import LookupStats
+
+log = logging.getLogger("postfix_mtasts.lookup")
+
+#: How long a FAILED entry for a domain whose DNS failed is kept: short,
+#: because DNS trouble is usually brief and there is no policy to protect.
+DNS_FAILURE_RETRY = 60.0
+#: Traces of the last resolution kept for ``ctl show``.
+TRACES_KEPT = 1000
+#: How often expired entries are pruned from the store.
+PRUNE_INTERVAL = 3600.0
+#: How often last-used times are written back to the store.
+TOUCH_FLUSH_INTERVAL = 600.0
+#: How long a daemon waits for another fleet member that holds the lease.
+LEASE_WAIT = 10.0
+LEASE_POLL = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class LookupSettings:
+    """The ``[policy]`` and ``[cache]`` knobs the lookup obeys."""
+
+    recheck_interval: float = limits.RECHECK_INTERVAL
+    recheck_deadline: float = limits.RECHECK_DEADLINE
+    first_lookup_deadline: float = limits.FIRST_LOOKUP_DEADLINE
+    temp_on_first_lookup_timeout: bool = False
+    fetch_retry_backoff: float = limits.FETCH_RETRY_BACKOFF
+    negative_ttl_min: float = limits.NEGATIVE_TTL_MIN
+    negative_ttl_max: float = limits.NEGATIVE_TTL_MAX
+    refresh_after: float = limits.REFRESH_AFTER
+    refresh_concurrency: int = limits.REFRESH_CONCURRENCY
+    refresh_jitter: float = limits.REFRESH_JITTER
+    refresh_idle_limit: float = limits.REFRESH_IDLE_LIMIT
+    refresh_scan_interval: float = limits.REFRESH_SCAN_INTERVAL
+    memory_entries: int = limits.MEMORY_ENTRIES
+    lease_ttl: float = limits.FETCH_TIMEOUT + 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The outcome of one discovery: the entry now in force and why."""
+
+    entry: CacheEntry
+    why: str
+    trace: tuple[str, ...] = ()
+
+
+def entry_answer(entry: CacheEntry, enforce_testing: bool) -> Answer:
+    """What Postfix is told while ``entry`` is in force."""
+    if entry.source is Source.FETCHED and entry.policy is not None:
+        return policy_answer(entry.policy, enforce_testing)
+    if entry.source is Source.NEGATIVE:
+        return Answer.notfound("no MTA-STS policy published")
+    return Answer.notfound(f"no usable policy: {entry.failure}")
+
+
+def _describe(answer: Answer) -> str:
+    if answer.kind is AnswerKind.OK:
+        return answer.data
+    if answer.kind is AnswerKind.NOTFOUND:
+        return "not found"
+    return f"{answer.kind.value} {answer.data}"
+
+
+class PolicyLookup:
+    """Answers "what TLS policy for this domain?" by RFC 8461's rules.
+
+    The reactor is injected (a ``task.Clock`` in tests); so are the DNS
+    resolver, the HTTPS fetcher and the store.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        txt_resolver: TxtResolver,
+        fetcher: PolicyFetcher,
+        store: Any,
+        settings: LookupSettings = LookupSettings(),
+        *,
+        rng: random.Random | None = None,
+        holder: str | None = None,
+        stats: LookupStats | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.txt_resolver = txt_resolver
+        self.fetcher = fetcher
+        self.store: IPolicyStore = store
+        self.settings = settings
+        self.front = MemoryFront(settings.memory_entries)
+        self.stats = stats if stats is not None else LookupStats(reactor)
+        self.holder = holder or uuid.uuid4().hex
+        self._rng = rng or random.Random()
+        self._inflight: dict[str, Deferred[Resolution]] = {}
+        self._traces: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._refresh_heap: list[tuple[float, str, float]] = []
+        self._refresh_limit = DeferredSemaphore(max(1, settings.refresh_concurrency))
+        self._refreshing: set[str] = set()
+        self._touched: dict[str, float] = {}
+        self._calls: list[IDelayedCall] = []
+        self._background: set[Deferred[Any]] = set()
+        self._stopping = False
+
+    # --- life cycle --------------------------------------------------------
+
+    async def start(self) -> int:
+        """Warm the front from the store; returns how many entries were loaded."""
+        entries = await self.store.load(self.settings.memory_entries)
+        now = self.reactor.seconds()
+        loaded = 0
+        for entry in reversed(entries):  # most recently used last = most recent in LRU
+            if entry.in_force(now):
+                self._remember(entry)
+                loaded += 1
+        self._schedule(self.settings.refresh_scan_interval, self._refresh_due)
+        self._schedule(PRUNE_INTERVAL, self._prune)
+        self._schedule(TOUCH_FLUSH_INTERVAL, self._flush_touched)
+        return loaded
+
+    async def stop(self) -> None:
+        """Stop background work, let resolutions in flight finish, write back."""
+        self._stopping = True
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls.clear()
+        pending = list(self._background) + list(self._inflight.values())
+        for d in pending:
+            try:
+                await _quiet(d)
+            except Exception:  # already logged where it failed
+                pass
+        await self._flush_touched_now()
+
+    def _schedule(self, interval: float, job: Callable[[], Any]) -> None:
+        if self._stopping:
+            return
+
+        def run() -> None:
+            self._calls[:] = [c for c in self._calls if c.active()]
+            self._spawn(job())
+            self._schedule(interval, job)
+
+        self._calls.append(self.reactor.callLater(interval, run))
+
+    def _spawn(self, coro: Any) -> Deferred[Any]:
+        """Run a coroutine in the background, keeping a handle for stop()."""
+        d: Deferred[Any] = Deferred.fromCoroutine(coro)
+        self._background.add(d)
+
+        def done(result: Any) -> None:
+            self._background.discard(d)
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                _log_failure("background task failed", result)
+            return None
+
+        d.addBoth(done)
+        return d
+
+    # --- answering ----------------------------------------------------------
+
+    def answer_now(self, domain: str, enforce_testing: bool) -> Answer | None:
+        """The answer from memory if it needs no I/O at all, else None."""
+        hit = self.front.cached_answer(domain, enforce_testing)
+        if hit is None:
+            return None
+        entry, answer = hit
+        now = self.reactor.seconds()
+        if not entry.in_force(now) or self._recheck_due(entry, now):
+            return None
+        if answer is None:
+            answer = entry_answer(entry, enforce_testing)
+            self.front.remember_answer(domain, enforce_testing, answer)
+        self._touched[domain] = now
+        self.stats.count_hit(answer)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s (cached %s)", domain, _describe(answer), entry.source.value)
+        return answer
+
+    async def lookup(self, domain: str, enforce_testing: bool = False) -> Answer:
+        """The answer for ``domain`` (an A-label), resolving when needed."""
+        fast = self.answer_now(domain, enforce_testing)
+        if fast is not None:
+            return fast
+        started = self.reactor.seconds()
+        answer = await self._lookup_slow(domain, enforce_testing)
+        self.stats.count_lookup(answer, self.reactor.seconds() - started)
+        return answer
+
+    async def _lookup_slow(self, domain: str, enforce_testing: bool) -> Answer:
+        now = self.reactor.seconds()
+        entry = self.front.get(domain)
+        if entry is None or not entry.in_force(now):
+            stored = await self._store_get(domain)
+            if stored is not None and stored.in_force(now):
+                entry = stored
+                self._remember(stored)
+                self.stats.store_hits += 1
+        if entry is not None and entry.in_force(now):
+            self._touched[domain] = now
+            if self._recheck_due(entry, now):
+                shared = self._resolve_shared(domain)
+                try:
+                    resolution = await self._wait(shared, self.settings.recheck_deadline)
+                    entry = resolution.entry
+                except TimeoutError:
+                    log.info("%s: TXT check still running after %.1fs; answering from the cache",
+                             domain, self.settings.recheck_deadline)
+                except Exception:
+                    pass  # logged in _resolve_shared; the cached entry stands
+            return entry_answer(entry, enforce_testing)
+        self.stats.misses += 1
+        shared = self._resolve_shared(domain)
+        try:
+            resolution = await self._wait(shared, self.settings.first_lookup_deadline)
+        except TimeoutError:
+            why = f"discovery still running after {self.settings.first_lookup_deadline:g}s"
+            if self.settings.temp_on_first_lookup_timeout:
+                log.info("%s: TEMP (%s; will answer from the result when it lands)", domain, why)
+                return Answer.temp(f"MTA-STS discovery for {domain} in progress")
+            log.info("%s: not found (%s; RFC 8461 treats this as no policy)", domain, why)
+            return Answer.notfound(why)
+        except Exception as e:
+            return Answer.temp(f"internal error resolving {domain}: {e}")
+        entry = resolution.entry
+        self._touched[domain] = self.reactor.seconds()
+        return entry_answer(entry, enforce_testing)
+
+    def _recheck_due(self, entry: CacheEntry, now: float) -> bool:
+        return (
+            entry.source is Source.FETCHED
+            and now - entry.checked_at >= self.settings.recheck_interval
+        )
+
+    async def _wait(self, shared: Deferred[Any], deadline: float | None) -> Resolution:
+        """Wait for a shared resolution without letting a timeout cancel it for others."""
+        waiter: Deferred[Resolution] = Deferred()
+
+        def relay(result: Any) -> Any:
+            if not waiter.called:
+                if isinstance(result, _FailedValue):
+                    waiter.errback(result.failure)
+                else:
+                    waiter.callback(result)
+            return result
+
+        shared.addBoth(relay)
+        if deadline is not None:
+            waiter.addTimeout(deadline, self.reactor)
+        return await waiter
+
+    # --- resolution -----------------------------------------------------------
+
+    async def refresh(self, domain: str) -> Resolution:
+        """Resolve ``domain`` now, fetching the policy even if the id is known."""
+        return await self._wait(self._resolve_shared(domain, force_fetch=True), None)
+
+    def _resolve_shared(self, domain: str, force_fetch: bool = False) -> Deferred[Any]:
+        """One resolution per domain at a time; every caller shares its result.
+
+        The returned Deferred never fails: an unexpected error arrives as a
+        :class:`Failure` *value*, which :meth:`_wait` turns back into an
+        exception for each waiter, so nothing is left unhandled.
+        """
+        d = self._inflight.get(domain)
+        if d is not None:
+            return d
+        d = Deferred.fromCoroutine(self._resolve_and_keep(domain, force_fetch))
+
+        def done(result: Any) -> Any:
+            self._inflight.pop(domain, None)
+            if isinstance(result, Failure):
+                if not result.check(CancelledError):
+                    _log_failure(f"{domain}: resolution failed unexpectedly", result)
+                return _FailedValue(result)
+            return result
+
+        d.addBoth(done)
+        if not d.called:
+            self._inflight[domain] = d
+        return d
+
+    async def _resolve_and_keep(self, domain: str, force_fetch: bool) -> Resolution:
+        previous = self.front.peek(domain)
+        if previous is None:
+            previous = await self._store_get(domain)
+        resolution = await self._resolve(domain, previous, force_fetch)
+        entry = resolution.entry
+        changed = previous is None or _durable_fields(previous) != _durable_fields(entry)
+        if changed:
+            # Durable before it is used: a new or replaced policy is written
+            # first, then answered from.
+            await self._store_put(entry)
+        self._remember(entry)
+        self._trace(domain, resolution)
+        answer = entry_answer(entry, False)
+        level = logging.INFO if changed or entry.source is not Source.FETCHED else logging.DEBUG
+        log.log(level, "%s: %s (%s)", domain, _describe(answer), resolution.why)
+        return resolution
+
+    async def _resolve(self, domain: str, previous: CacheEntry | None, force_fetch: bool) -> Resolution:
+        settings = self.settings
+        now = self.reactor.seconds()
+        cached = previous if (
+            previous is not None and previous.source is Source.FETCHED and previous.in_force(now)
+        ) else None
+        trace: list[str] = []
+        txt = await self.txt_resolver.lookup_sts(domain)
+        now = self.reactor.seconds()
+        self.stats.dns_queries += 1
+        if isinstance(txt, TxtFound):
+            trace.append(f"TXT _mta-sts.{domain}: {txt.record!r} (id {txt.policy_id}, ttl {txt.ttl})")
+            policy_id = txt.policy_id
+        else:
+            trace.append(f"TXT _mta-sts.{domain}: {txt.reason}")
+            if cached is not None and not force_fetch:
+                kept = replace(cached, checked_at=now)
+                why = ("TXT record gone" if isinstance(txt, TxtAbsent) else f"DNS failed: {txt.reason}")
+                return Resolution(kept, f"{why}; cached policy {cached.policy_id} stays in force "
+                                        f"until {_stamp(cached.expires_at)}", tuple(trace))
+            if cached is None:
+                if isinstance(txt, TxtAbsent):
+                    ttl = txt.negative_ttl if txt.negative_ttl is not None else settings.negative_ttl_min
+                    ttl = min(max(float(ttl), settings.negative_ttl_min), settings.negative_ttl_max)
+                    entry = CacheEntry(domain, Source.NEGATIVE, expires_at=now + ttl, checked_at=now,
+                                       failure=txt.reason, last_used=now)
+                    return Resolution(entry, f"no MTA-STS record ({txt.reason}); "
+                                             f"remembered for {ttl:g}s", tuple(trace))
+                entry = CacheEntry(domain, Source.FAILED, expires_at=now + DNS_FAILURE_RETRY,
+                                   checked_at=now, failure=f"DNS failed: {txt.reason}", last_used=now)
+                return Resolution(entry, f"DNS failed: {txt.reason}", tuple(trace))
+            # A forced refresh of a cached policy fetches it even without the
+            # TXT record: DNS can be blocked by the very attacker the policy
+            # is there to stop (RFC 8461 §10.2).
+            policy_id = cached.policy_id
+
+        if cached is not None and cached.policy_id == policy_id and not force_fetch:
+            kept = replace(cached, checked_at=now)
+            return Resolution(kept, f"policy id {policy_id} unchanged", tuple(trace))
+        if (previous is not None and previous.failed_id == policy_id and now < previous.retry_at
+                and not force_fetch):
+            kept = replace(previous, checked_at=now)
+            return Resolution(kept, f"fetch of policy id {policy_id} failed ({previous.failure}); "
+                                    f"no retry before {_stamp(previous.retry_at)}", tuple(trace))
+
+        adopted = await self._await_fleet(domain, previous, now)
+        if adopted is not None:
+            return Resolution(adopted, "resolved by another daemon of the fleet", tuple(trace))
+        try:
+            self.stats.fetches += 1
+            result = await self.fetcher.fetch(domain)
+        finally:
+            await self._release_lease(domain)
+        now = self.reactor.seconds()
+        trace.extend(result.trace)
+        if isinstance(result, FetchOK):
+            policy = result.policy
+            entry = CacheEntry(
+                domain, Source.FETCHED, expires_at=now + policy.max_age, checked_at=now,
+                policy_id=policy_id, policy=self._shared_policy(policy), policy_text=result.text,
+                fetched_at=now, last_used=previous.last_used if previous else now,
+            )
+            what = "refreshed" if cached is not None and cached.policy_id == policy_id else "fetched"
+            return Resolution(entry, f"policy {policy_id} {what}: mode {policy.mode.value}, "
+                                     f"max_age {policy.max_age}", tuple(trace))
+        self.stats.count_failure(result.category)
+        retry_at = now + settings.fetch_retry_backoff
+        if cached is not None:
+            kept = replace(cached, checked_at=now, failed_id=policy_id, retry_at=retry_at,
+                           failure=result.reason)
+            warn = "" if cached.policy and cached.policy.mode is Mode.NONE else " (refresh failing)"
+            return Resolution(kept, f"fetch of policy {policy_id} failed: {result.reason}; cached policy "
+                                    f"{cached.policy_id} stays in force until "
+                                    f"{_stamp(cached.expires_at)}{warn}", tuple(trace))
+        entry = CacheEntry(domain, Source.FAILED, expires_at=retry_at, checked_at=now,
+                           failed_id=policy_id, retry_at=retry_at, failure=result.reason,
+                           last_used=now)
+        return Resolution(entry, f"fetch failed: {result.reason}", tuple(trace))
+
+    async def _await_fleet(self, domain: str, previous: CacheEntry | None, since: float) -> CacheEntry | None:
+        """Take the fleet's lease for ``domain``, or wait for the holder's result."""
+        try:
+            if await self.store.acquire_lease(domain, self.holder, self.settings.lease_ttl):
+                return None
+        except StoreUnavailable:
+            return None
+        waited = 0.0
+        while waited < LEASE_WAIT:
+            await _sleep(self.reactor, LEASE_POLL)
+            waited += LEASE_POLL
+            stored = await self._store_get(domain)
+            if stored is not None and stored.checked_at >= since and stored != previous:
+                return stored
+        log.info("%s: fleet lease holder gave no result within %gs; fetching here", domain, LEASE_WAIT)
+        return None
+
+    async def _release_lease(self, domain: str) -> None:
+        try:
+            await self.store.release_lease(domain, self.holder)
+        except StoreUnavailable:
+            pass
+
+    def _shared_policy(self, policy: Any) -> Any:
+        """Reuse an equal Policy object already in memory (many domains share one)."""
+        return policy
+
+    # --- memory and store ---------------------------------------------------
+
+    def _remember(self, entry: CacheEntry) -> None:
+        self.front.put(entry)
+        if entry.source is Source.FETCHED and entry.policy is not None:
+            due = self._refresh_due_at(entry)
+            heapq.heappush(self._refresh_heap, (due, entry.domain, entry.fetched_at))
+
+    def _refresh_due_at(self, entry: CacheEntry) -> float:
+        assert entry.policy is not None
+        age_limit = min(self.settings.refresh_after, entry.policy.max_age / 2)
+        jitter = self._rng.uniform(0, min(self.settings.refresh_jitter, age_limit / 4))
+        return entry.fetched_at + age_limit + jitter
+
+    async def _store_get(self, domain: str) -> CacheEntry | None:
+        try:
+            return await self.store.get(domain)
+        except StoreUnavailable as e:
+            log.debug("%s: store unavailable for read (%s)", domain, e)
+            return None
+
+    async def _store_put(self, entry: CacheEntry) -> None:
+        try:
+            await self.store.put(entry)
+        except StoreUnavailable as e:
+            log.error("%s: could not store the new entry (%s); keeping it in memory", entry.domain, e)
+
+    def _trace(self, domain: str, resolution: Resolution) -> None:
+        self._traces[domain] = (*resolution.trace, f"result: {resolution.why}")
+        self._traces.move_to_end(domain)
+        while len(self._traces) > TRACES_KEPT:
+            self._traces.popitem(last=False)
+
+    def last_trace(self, domain: str) -> tuple[str, ...]:
+        return self._traces.get(domain, ())
+
+    async def flush(self, domain: str | None) -> int:
+        """Forget one domain (or all, for None); returns how many were dropped."""
+        if domain is None:
+            count = len(self.front)
+            self.front.clear()
+            self._refresh_heap.clear()
+            await self.store.delete_all()
+            return count
+        present = domain in self.front
+        self.front.delete(domain)
+        await self.store.delete(domain)
+        return int(present)
+
+    # --- background work ----------------------------------------------------
+
+    async def _refresh_due(self) -> None:
+        """Re-fetch cached policies before they expire (RFC 8461 §3.3)."""
+        now = self.reactor.seconds()
+        heap = self._refresh_heap
+        due: list[str] = []
+        while heap and heap[0][0] <= now:
+            _, domain, fetched_at = heapq.heappop(heap)
+            entry = self.front.peek(domain)
+            if entry is None or entry.fetched_at != fetched_at or domain in self._refreshing:
+                continue  # superseded, evicted, or already running
+            last_used = max(entry.last_used, self._touched.get(domain, 0.0))
+            if now - last_used > self.settings.refresh_idle_limit:
+                log.info("%s: not refreshed, unused for %.0f days; the policy stays until it expires",
+                         domain, (now - last_used) / 86400)
+                continue
+            due.append(domain)
+        self.stats.refresh_queue = len(due)
+        for domain in due:
+            self._refreshing.add(domain)
+            self._spawn(self._refresh_one(domain))
+
+    async def _refresh_one(self, domain: str) -> None:
+        try:
+            await self._refresh_limit.acquire()
+            try:
+                if not self._stopping:
+                    await self.refresh(domain)
+            except Exception:
+                pass  # logged where the resolution failed
+            finally:
+                self._refresh_limit.release()
+        finally:
+            self._refreshing.discard(domain)
+            self.stats.refresh_queue = max(0, self.stats.refresh_queue - 1)
+
+    async def _prune(self) -> None:
+        now = self.reactor.seconds()
+        try:
+            pruned = await self.store.prune(now)
+        except StoreUnavailable:
+            return
+        if pruned:
+            log.debug("pruned %d expired entries from the store", pruned)
+
+    async def _flush_touched(self) -> None:
+        await self._flush_touched_now()
+
+    async def _flush_touched_now(self) -> None:
+        """Write last-used times back in one batch, so idle domains can age out."""
+        touched, self._touched = self._touched, {}
+        updated = []
+        for domain, when in touched.items():
+            entry = self.front.peek(domain)
+            if entry is not None and entry.last_used < when:
+                entry = entry.touched(when)
+                self.front.put(entry)
+                updated.append(entry)
+        if updated:
+            try:
+                await self.store.put_many(updated)
+            except StoreUnavailable as e:
+                log.debug("could not write back %d last-used times (%s)", len(updated), e)
+
+
+class _FailedValue:
+    """A failure carried as a value through a shared Deferred."""
+
+    __slots__ = ("failure",)
+
+    def __init__(self, failure: Failure) -> None:
+        self.failure = failure
+
+
+def _log_failure(what: str, failure: Failure) -> None:
+    log.error("%s: %s", what, failure.getErrorMessage(),
+              exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+
+
+def _durable_fields(entry: CacheEntry) -> tuple[Any, ...]:
+    """What must reach the store; checked_at and last_used alone may lag."""
+    return (entry.source, entry.policy_id, entry.policy, entry.fetched_at, entry.expires_at,
+            entry.failed_id, entry.retry_at)
+
+
+def _stamp(when: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+async def _quiet(d: Deferred[Any]) -> Any:
+    """Await ``d`` without adding it a second consumer that could cancel it."""
+    waiter: Deferred[Any] = Deferred()
+    d.addBoth(lambda r: (waiter.callback(None), r)[1])
+    return await waiter
+
+
+async def _sleep(reactor: IReactorTime, seconds: float) -> None:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d
