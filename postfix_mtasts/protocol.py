@@ -1,0 +1,255 @@
+"""Thin Twisted protocols: bytes from Postfix → codec → responder → codec → bytes.
+
+Both protocols answer each connection's requests in the order they arrived,
+pipelined ones too, even when a later request is answered from the cache
+before an earlier one has finished resolving. A framing error closes that one
+connection and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from postfix_mtasts import limits
+from postfix_mtasts.codec import FramingError, MalformedRequest, ReplyTooLong, socketmap, tcptable
+from postfix_mtasts.policy.model import Answer, AnswerKind
+from postfix_mtasts.responder import DEFAULT_PROFILE, Responder
+
+log = logging.getLogger("postfix_mtasts.protocol")
+
+#: Requests one connection may have waiting for an answer; Postfix sends one
+#: at a time, so more than this is a misbehaving client, and it is closed.
+MAX_PENDING_PER_CONNECTION = 1000
+
+TCP_TABLE_CODES = {
+    AnswerKind.OK: 200,
+    AnswerKind.NOTFOUND: 500,
+    AnswerKind.TEMP: 400,
+    AnswerKind.PERM: 400,
+}
+
+
+def describe_peer(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None:
+        return f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return f"unix:{name.decode() if isinstance(name, bytes) else name or '?'}"
+
+
+class _LookupProtocol(Protocol, TimeoutMixin):
+    """What socketmap and tcp_table share: ordering, idle timeout, errors."""
+
+    idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT
+
+    def __init__(self, responder: Responder, idle_timeout: float, clock: IReactorTime | None = None) -> None:
+        self.responder = responder
+        self.idle_timeout = idle_timeout
+        if clock is not None:
+            self.callLater = clock.callLater  # TimeoutMixin's timer source
+        # Each slot is a one-element list: the encoded reply, or None while
+        # its lookup is still running.
+        self._pending: deque[list[bytes | None]] = deque()
+        self._closed = False
+        # Set after a framing error: no more reading; close once answered.
+        self._draining = False
+
+    # Subclasses: decode a chunk into events and encode one answer.
+    def decode(self, data: bytes) -> list[Any]:
+        raise NotImplementedError
+
+    def answer_event(self, event: Any) -> Answer | Deferred[Answer]:
+        raise NotImplementedError
+
+    def encode(self, answer: Answer) -> bytes:
+        raise NotImplementedError
+
+    @property
+    def peer(self) -> str:
+        return describe_peer(self.transport.getPeer() if self.transport else None)
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idle_timeout)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self._closed = True
+        self.setTimeout(None)
+        self._pending.clear()
+
+    def timeoutConnection(self) -> None:
+        if self._pending:
+            self.resetTimeout()  # a lookup is still running; not idle
+            return
+        log.debug("%s: closing idle connection after %gs", self.peer, self.idle_timeout)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed or self._draining:
+            return
+        self.resetTimeout()
+        try:
+            events = self.decode(data)
+        except FramingError as e:
+            # Answer what came complete before the bad bytes, then close.
+            log.info("%s: closing connection: malformed request: %s", self.peer, e.reason)
+            events = list(e.decoded)
+            self._draining = True
+        for event in events:
+            if len(self._pending) >= MAX_PENDING_PER_CONNECTION:
+                self._abandon(f"more than {MAX_PENDING_PER_CONNECTION} requests waiting")
+                return
+            if isinstance(event, MalformedRequest):
+                result: Answer | Deferred[Answer] = Answer.perm(event.reason)
+                log.info("%s: malformed request: %s", self.peer, event.reason)
+            else:
+                try:
+                    result = self.answer_event(event)
+                except Exception:
+                    log.exception("%s: internal error answering a request", self.peer)
+                    result = Answer.temp("internal error")
+            self._queue(result)
+        if self._draining and not self._pending:
+            self._closed = True
+            self.transport.loseConnection()
+
+    def _abandon(self, why: str) -> None:
+        log.info("%s: closing connection: %s", self.peer, why)
+        self._closed = True
+        self._pending.clear()
+        self.transport.loseConnection()
+
+    def _queue(self, result: Answer | Deferred[Answer]) -> None:
+        if not isinstance(result, Deferred):
+            if not self._pending:
+                self.transport.write(self._encode_safely(result))
+            else:
+                self._pending.append([self._encode_safely(result)])
+            return
+        slot: list[bytes | None] = [None]
+        self._pending.append(slot)
+        result.addErrback(self._internal_error)
+        result.addCallback(self._completed, slot)
+
+    def _internal_error(self, failure: Failure) -> Answer:
+        log.error("%s: internal error during lookup: %s", self.peer, failure.getErrorMessage(),
+                  exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+        return Answer.temp("internal error")
+
+    def _completed(self, answer: Answer, slot: list[bytes | None]) -> None:
+        if self._closed:
+            return
+        slot[0] = self._encode_safely(answer)
+        pending = self._pending
+        while pending and pending[0][0] is not None:
+            reply = pending.popleft()[0]
+            assert reply is not None
+            self.transport.write(reply)
+        if self._draining and not pending:
+            self._closed = True
+            self.transport.loseConnection()
+
+    def _encode_safely(self, answer: Answer) -> bytes:
+        try:
+            return self.encode(answer)
+        except ReplyTooLong as e:
+            log.error("%s: reply too long for the protocol (%s); answering TEMP", self.peer, e)
+            return self.encode(Answer.temp("policy answer too long for this protocol"))
+
+
+class SocketmapProtocol(_LookupProtocol):
+    """Postfix socketmap: netstrings of ``NAME key`` → ``OK|NOTFOUND|TEMP|PERM data``."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        super().__init__(responder, idle_timeout, clock)
+        self._decoder = socketmap.SocketmapDecoder()
+
+    def decode(self, data: bytes) -> list[Any]:
+        return self._decoder.feed(data)
+
+    def answer_event(self, event: socketmap.SocketmapRequest) -> Answer | Deferred[Answer]:
+        return self.responder.respond(event.name, event.key)
+
+    def encode(self, answer: Answer) -> bytes:
+        # Postfix logs the text of TEMP and PERM replies; NOTFOUND carries none.
+        data = "" if answer.kind is AnswerKind.NOTFOUND else answer.data
+        return socketmap.encode_reply(answer.kind.value, data)
+
+
+class TcpTableProtocol(_LookupProtocol):
+    """Postfix tcp_table: ``get key`` lines → ``200|400|500 text`` lines."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        idle_timeout: float = limits.TCP_TABLE_IDLE_TIMEOUT,
+        profile: str = DEFAULT_PROFILE,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        super().__init__(responder, idle_timeout, clock)
+        self.profile = profile
+        self._decoder = tcptable.TcpTableDecoder()
+
+    def decode(self, data: bytes) -> list[Any]:
+        return self._decoder.feed(data)
+
+    def answer_event(self, event: tcptable.TcpTableRequest) -> Answer | Deferred[Answer]:
+        return self.responder.respond(self.profile, event.key)
+
+    def encode(self, answer: Answer) -> bytes:
+        code = TCP_TABLE_CODES[answer.kind]
+        text = answer.data or ("not found" if code == 500 else "")
+        return tcptable.encode_reply(code, text)
+
+
+class SocketmapFactory(Factory):
+    """Builds a :class:`SocketmapProtocol` per connection, sharing one responder."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.responder = responder
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+
+    def buildProtocol(self, addr: IAddress) -> SocketmapProtocol:
+        protocol = SocketmapProtocol(self.responder, self.idle_timeout, self.clock)
+        protocol.factory = self
+        return protocol
+
+
+class TcpTableFactory(Factory):
+    """Builds a :class:`TcpTableProtocol` per connection, sharing one responder."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        idle_timeout: float = limits.TCP_TABLE_IDLE_TIMEOUT,
+        profile: str = DEFAULT_PROFILE,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.responder = responder
+        self.idle_timeout = idle_timeout
+        self.profile = profile
+        self.clock = clock
+
+    def buildProtocol(self, addr: IAddress) -> TcpTableProtocol:
+        protocol = TcpTableProtocol(self.responder, self.idle_timeout, self.profile, self.clock)
+        protocol.factory = self
+        return protocol
