@@ -1,0 +1,178 @@
+"""The ``postfix-mtasts`` command: the only module that touches the global reactor.
+
+The asyncio reactor is installed here, before anything imports
+``twisted.internet.reactor``, because dnspython's resolver (and the Redis and
+PostgreSQL clients) are asyncio libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from postfix_mtasts import __version__
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_ERROR = 2
+
+log = logging.getLogger("postfix_mtasts")
+
+
+def _install_reactor() -> Any:
+    from twisted.internet import asyncioreactor
+
+    if "twisted.internet.reactor" not in sys.modules:
+        asyncioreactor.install(asyncio.new_event_loop())
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="postfix-mtasts",
+        description="MTA-STS (RFC 8461) TLS policy map for Postfix.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "-c", "--config", metavar="FILE", help="TOML configuration file (default: built-in defaults)"
+        )
+        sub.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (repeatable)")
+        sub.add_argument("-q", "--quiet", action="count", default=0, help="less log detail (repeatable)")
+
+    serve = commands.add_parser("serve", help="run the policy daemon")
+    common(serve)
+
+    query = commands.add_parser(
+        "query", help="resolve one domain now, without a daemon, and show every step"
+    )
+    common(query)
+    query.add_argument("domain", help="a next-hop domain as Postfix would send it")
+    query.add_argument("--profile", default="postfix", help="socketmap name / profile (default: postfix)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from postfix_mtasts.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"postfix-mtasts: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    reactor = _install_reactor()
+    from postfix_mtasts import logsetup
+
+    level = logsetup.adjust_level(logsetup.LEVELS[config.log.level], args.verbose - args.quiet)
+    logsetup.configure(level, syslog=config.log.syslog and args.command == "serve")
+    logsetup.route_twisted_logs()
+    if args.command == "serve":
+        return _serve(reactor, config)
+    return _query(reactor, config, args.domain, args.profile)
+
+
+def _run(reactor: Any, job: Any) -> int:
+    """Run the coroutine function ``job`` under the reactor; its int is the exit code."""
+    from twisted.internet.defer import Deferred
+
+    outcome = {"code": EXIT_ERROR}
+
+    def start() -> None:
+        d = Deferred.fromCoroutine(job())
+
+        def done(code: Any) -> None:
+            outcome["code"] = code
+            reactor.stop()
+
+        def failed(failure: Any) -> None:
+            log.error("%s", failure.getErrorMessage(),
+                      exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+            reactor.stop()
+
+        d.addCallbacks(done, failed)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return int(outcome["code"])
+
+
+def _serve(reactor: Any, config: Any) -> int:
+    from twisted.internet.defer import Deferred
+
+    from postfix_mtasts.service import Daemon, StartupError
+
+    daemon = Daemon(reactor, config)
+    outcome = {"code": EXIT_OK}
+
+    async def start() -> None:
+        try:
+            await daemon.start()
+        except StartupError as e:
+            log.error("cannot start: %s", e)
+            outcome["code"] = 1
+            reactor.stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(daemon.stop()))
+        log.info("postfix-mtasts %s ready", __version__)
+
+    def begin() -> None:
+        d = Deferred.fromCoroutine(start())
+
+        def crashed(failure: Any) -> None:
+            log.error("start-up failed: %s", failure.getErrorMessage(),
+                      exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+            outcome["code"] = 1
+            reactor.stop()
+
+        d.addErrback(crashed)
+
+    reactor.callWhenRunning(begin)
+    reactor.run()
+    return outcome["code"]
+
+
+def _query(reactor: Any, config: Any, domain_text: str, profile_name: str) -> int:
+    from postfix_mtasts.cache.memory import MemoryStore
+    from postfix_mtasts.lookup import entry_answer
+    from postfix_mtasts.policy.model import AnswerKind
+    from postfix_mtasts.policy.nexthop import BracketedNextHop, Resolve, classify_key
+    from postfix_mtasts.service import build_lookup
+
+    profile = config.profiles.get(profile_name)
+    if profile is None:
+        print(f"postfix-mtasts: unknown profile {profile_name!r}; configured: "
+              f"{', '.join(sorted(config.profiles))}", file=sys.stderr)
+        return EXIT_ERROR
+    key = domain_text.encode("utf-8", "surrogateescape")
+    decision = classify_key(key, BracketedNextHop(config.policy.bracketed_next_hop))
+    if not isinstance(decision, Resolve):
+        print(f"key {domain_text!r}: {decision.reason}")
+        print("answer: NOTFOUND (no lookup needed)")
+        return EXIT_NOT_FOUND
+    domain = decision.domain
+    print(f"key {domain_text!r}: policy domain {domain}")
+
+    async def job() -> int:
+        lookup = build_lookup(reactor, config, MemoryStore())
+        resolution = await lookup.refresh(domain)
+        for step in resolution.trace:
+            print(f"  {step}")
+        print(f"result: {resolution.why}")
+        answer = entry_answer(resolution.entry, profile.enforce_testing)
+        shown = answer.data if answer.kind is AnswerKind.OK else ""
+        print(f"answer ({profile_name}): {answer.kind.value} {shown}".rstrip())
+        return EXIT_OK if answer.kind is AnswerKind.OK else EXIT_NOT_FOUND
+
+    return _run(reactor, job)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
