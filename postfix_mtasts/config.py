@@ -35,6 +35,12 @@ UNIX_PATH_MAX: Final = 107
 SYSTEMD_NAME_MAX: Final = 255
 #: A socketmap NAME, i.e. a profile name.
 PROFILE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Largest number of seconds any setting accepts; more is surely a typo, and
+#: keeps every value within what a float and the reactor's clock handle.
+SECONDS_MAX: Final = 10 * 365 * 86_400
+#: Upper bounds of the whole-number settings, for the same reason.
+MEMORY_ENTRIES_MAX: Final = 100_000_000
+REFRESH_CONCURRENCY_MAX: Final = 1_000
 #: Longest rendering of an offending value inside an error message.
 SHOWN_VALUE_MAX: Final = 60
 
@@ -105,9 +111,7 @@ class ListenAddress:
             mode = "" if self.mode is None else f":mode={self.mode:o}"
             return f"unix:{_quote_endpoint(self.path)}{mode}"
         if systemd_domain is None:
-            raise ValueError(
-                f"{self}: the address family of a systemd socket must be given"
-            )
+            raise ValueError(f"{self}: the address family of a systemd socket must be given")
         if self.systemd_name:
             return f"systemd:domain={systemd_domain}:name={_quote_endpoint(self.systemd_name)}"
         return f"systemd:domain={systemd_domain}:index={self.systemd_index}"
@@ -246,9 +250,7 @@ def load_config(path: str | None) -> Config:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (bad byte at offset {error.start})"
-        ) from None
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {error.start})") from None
     return parse_config(text, source=path)
 
 
@@ -257,9 +259,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(
-            f"{source}: TOML syntax error: {_one_line(str(error))}"
-        ) from None
+        raise ConfigError(f"{source}: TOML syntax error: {_one_line(str(error))}") from None
     except (ValueError, RecursionError) as error:
         # Integers beyond Python's digit limit, absurd nesting: not TOML we accept.
         raise ConfigError(
@@ -288,9 +288,7 @@ def parse_listen_address(text: str) -> ListenAddress:
         return _parse_unix(text, rest)
     if sep and kind == "systemd":
         return _parse_systemd(text, rest)
-    raise ConfigError(
-        f'must be "inet:HOST:PORT", "unix:/PATH" or "systemd:NAME", got {_show(text)}'
-    )
+    raise ConfigError(f'must be "inet:HOST:PORT", "unix:/PATH" or "systemd:NAME", got {_show(text)}')
 
 
 # --- listen addresses ---------------------------------------------------------
@@ -303,21 +301,15 @@ def _parse_inet(text: str, rest: str) -> ListenAddress:
             raise ConfigError(f'must be "inet:[IPv6]:PORT", got {_show(text)}')
         port_text = tail[1:]
         if not _is_ipv6(host):
-            raise ConfigError(
-                f"{_show(host)} in brackets is not an IPv6 address, got {_show(text)}"
-            )
+            raise ConfigError(f"{_show(host)} in brackets is not an IPv6 address, got {_show(text)}")
     else:
         host, colon, port_text = rest.rpartition(":")
         if not colon or not host:
             raise ConfigError(f'must be "inet:HOST:PORT", got {_show(text)}')
         if ":" in host:
-            raise ConfigError(
-                f'put an IPv6 address in brackets, "inet:[::1]:PORT", got {_show(text)}'
-            )
+            raise ConfigError(f'put an IPv6 address in brackets, "inet:[::1]:PORT", got {_show(text)}')
         if not (_is_ipv4(host) or _is_hostname(host)):
-            raise ConfigError(
-                f"{_show(host)} is not an IP address or host name, got {_show(text)}"
-            )
+            raise ConfigError(f"{_show(host)} is not an IP address or host name, got {_show(text)}")
     return ListenAddress(kind="inet", host=host, port=_port(port_text, text))
 
 
@@ -327,23 +319,15 @@ def _parse_unix(text: str, rest: str) -> ListenAddress:
     if match:
         path, mode_text = match.group(1), match.group(2)
     if not path.startswith("/"):
-        raise ConfigError(
-            f'the socket path must be absolute, "unix:/PATH", got {_show(text)}'
-        )
+        raise ConfigError(f'the socket path must be absolute, "unix:/PATH", got {_show(text)}')
     if "\0" in path:
-        raise ConfigError(
-            f"the socket path contains a NUL character, got {_show(text)}"
-        )
+        raise ConfigError(f"the socket path contains a NUL character, got {_show(text)}")
     if len(os.fsencode(path)) > UNIX_PATH_MAX:
-        raise ConfigError(
-            f"the socket path is longer than {UNIX_PATH_MAX} bytes, got {_show(text)}"
-        )
+        raise ConfigError(f"the socket path is longer than {UNIX_PATH_MAX} bytes, got {_show(text)}")
     mode = None
     if mode_text is not None:
         if not _OCTAL_MODE.fullmatch(mode_text):
-            raise ConfigError(
-                f'mode must be octal permission bits like "0660", got {_show(text)}'
-            )
+            raise ConfigError(f'mode must be octal permission bits like "0660", got {_show(text)}')
         mode = int(mode_text, 8)
     return ListenAddress(kind="unix", path=path, mode=mode)
 
@@ -432,11 +416,7 @@ def _show(value: object) -> str:
     elif isinstance(value, Mapping):
         shown = "a table"
     elif isinstance(value, list):
-        shown = (
-            "["
-            + ", ".join(_show(item) for item in value[:5])
-            + (", ...]" if len(value) > 5 else "]")
-        )
+        shown = "[" + ", ".join(_show(item) for item in value[:5]) + (", ...]" if len(value) > 5 else "]")
     else:
         shown = _one_line(str(value))
     if len(shown) > SHOWN_VALUE_MAX:
@@ -465,9 +445,7 @@ class _Reader:
         where = f"{key}: " if key else ""
         return ConfigError(f"{self.source}: {where}{problem}")
 
-    def table(
-        self, data: Mapping[str, object], prefix: str, known: tuple[str, ...]
-    ) -> Mapping[str, object]:
+    def table(self, data: Mapping[str, object], prefix: str, known: tuple[str, ...]) -> Mapping[str, object]:
         """Reject keys of ``data`` not in ``known``, suggesting the closest one."""
         for key in data:
             if key not in known:
@@ -477,9 +455,7 @@ class _Reader:
                 raise self.fail("", f"unknown key {dotted}{hint}")
         return data
 
-    def subtable(
-        self, data: Mapping[str, object], key: str, prefix: str
-    ) -> Mapping[str, object]:
+    def subtable(self, data: Mapping[str, object], key: str, prefix: str) -> Mapping[str, object]:
         value = data.get(key, {})
         dotted = f"{prefix}.{key}" if prefix else key
         if not isinstance(value, Mapping):
@@ -502,17 +478,17 @@ class _Reader:
         bound = f"> {minimum:g}" if above else f">= {minimum:g}"
         if below is not None:
             bound += f" and < {below:g}"
+        dotted = f"{prefix}.{key}"
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
-            or not math.isfinite(value)
+            or (isinstance(value, float) and math.isnan(value))
             or (value <= minimum if above else value < minimum)
             or (below is not None and value >= below)
         ):
-            raise self.fail(
-                f"{prefix}.{key}",
-                f"must be a number of seconds {bound}, got {_show(value)}",
-            )
+            raise self.fail(dotted, f"must be a number of seconds {bound}, got {_show(value)}")
+        if value > SECONDS_MAX:
+            raise self.fail(dotted, f"must be at most {SECONDS_MAX} seconds (ten years), got {_show(value)}")
         return float(value)
 
     def integer(
@@ -522,18 +498,17 @@ class _Reader:
         prefix: str,
         default: int,
         minimum: int,
+        maximum: int,
     ) -> int:
         value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
             raise self.fail(
                 f"{prefix}.{key}",
-                f"must be a whole number >= {minimum}, got {_show(value)}",
+                f"must be a whole number from {minimum} to {maximum}, got {_show(value)}",
             )
         return value
 
-    def boolean(
-        self, data: Mapping[str, object], key: str, prefix: str, default: bool
-    ) -> bool:
+    def boolean(self, data: Mapping[str, object], key: str, prefix: str, default: bool) -> bool:
         value = data.get(key, default)
         if not isinstance(value, bool):
             raise self.fail(
@@ -542,9 +517,7 @@ class _Reader:
             )
         return value
 
-    def string(
-        self, data: Mapping[str, object], key: str, prefix: str, default: str
-    ) -> str:
+    def string(self, data: Mapping[str, object], key: str, prefix: str, default: str) -> str:
         value = data.get(key, default)
         if not isinstance(value, str):
             raise self.fail(f"{prefix}.{key}", f"must be a string, got {_show(value)}")
@@ -565,11 +538,7 @@ class _Reader:
     ) -> str:
         value = data.get(key, default)
         if value not in options or not isinstance(value, str):
-            close = (
-                difflib.get_close_matches(value, options, n=1)
-                if isinstance(value, str)
-                else []
-            )
+            close = difflib.get_close_matches(value, options, n=1) if isinstance(value, str) else []
             hint = f" (did you mean {json.dumps(close[0])}?)" if close else ""
             raise self.fail(
                 f"{prefix}.{key}",
@@ -606,9 +575,7 @@ class _Reader:
         result = []
         for index, item in enumerate(value):
             if not isinstance(item, str):
-                raise self.fail(
-                    f"{dotted}[{index}]", f"must be a string, got {_show(item)}"
-                )
+                raise self.fail(f"{dotted}[{index}]", f"must be a string, got {_show(item)}")
             try:
                 result.append(parse(item))
             except ConfigError as error:
@@ -667,9 +634,7 @@ class _Reader:
             if "socketmap" in data
             else defaults.socketmap
         )
-        tcp_table = self.items(
-            data, "tcp_table", prefix, parse_listen_address, "inet:127.0.0.1:8462"
-        )
+        tcp_table = self.items(data, "tcp_table", prefix, parse_listen_address, "inet:127.0.0.1:8462")
         if not socketmap and not tcp_table:
             raise self.fail(
                 prefix,
@@ -688,15 +653,18 @@ class _Reader:
 
     def cache(self, data: Mapping[str, object]) -> CacheConfig:
         prefix = "cache"
-        self.table(
-            data, prefix, ("backend", "path", "memory_entries", "redis", "postgresql")
-        )
+        self.table(data, prefix, ("backend", "path", "memory_entries", "redis", "postgresql"))
         backend = self.choice(data, "backend", prefix, CACHE_BACKENDS, "sqlite")
         return CacheConfig(
             backend=backend,  # type: ignore[arg-type]  # checked against CACHE_BACKENDS
             path=self.path(data, "path", prefix),
             memory_entries=self.integer(
-                data, "memory_entries", prefix, limits.MEMORY_ENTRIES, 1
+                data,
+                "memory_entries",
+                prefix,
+                limits.MEMORY_ENTRIES,
+                1,
+                MEMORY_ENTRIES_MAX,
             ),
             redis=self.redis(self.subtable(data, "redis", prefix)),
             postgresql=self.postgresql(self.subtable(data, "postgresql", prefix)),
@@ -711,9 +679,7 @@ class _Reader:
                 f"{prefix}.url",
                 f"must start with {', '.join(_REDIS_SCHEMES)}, got {_show(url)}",
             )
-        sentinels = self.items(
-            data, "sentinels", prefix, _parse_sentinel, "10.0.0.1:26379"
-        )
+        sentinels = self.items(data, "sentinels", prefix, _parse_sentinel, "10.0.0.1:26379")
         service = self.string(data, "sentinel_service", prefix, "")
         if sentinels and not service:
             raise self.fail(
@@ -722,9 +688,7 @@ class _Reader:
             )
         return RedisConfig(
             url=url,
-            key_prefix=self.string(
-                data, "key_prefix", prefix, DEFAULT_REDIS_KEY_PREFIX
-            ),
+            key_prefix=self.string(data, "key_prefix", prefix, DEFAULT_REDIS_KEY_PREFIX),
             sentinels=sentinels,
             sentinel_service=service,
         )
@@ -748,45 +712,31 @@ class _Reader:
 
     def resolver(self, data: Mapping[str, object]) -> ResolverConfig:
         prefix = "resolver"
-        self.table(
-            data, prefix, ("nameservers", "ca_file", "dns_timeout", "fetch_timeout")
-        )
+        self.table(data, prefix, ("nameservers", "ca_file", "dns_timeout", "fetch_timeout"))
         ca_file = self.path(data, "ca_file", prefix)
         if ca_file and not os.path.isfile(ca_file):
             problem = "is not a file" if os.path.exists(ca_file) else "does not exist"
             raise self.fail(f"{prefix}.ca_file", f"{json.dumps(ca_file)} {problem}")
         return ResolverConfig(
-            nameservers=self.items(
-                data, "nameservers", prefix, _parse_nameserver, "127.0.0.1"
-            ),
+            nameservers=self.items(data, "nameservers", prefix, _parse_nameserver, "127.0.0.1"),
             ca_file=ca_file,
-            dns_timeout=self.seconds(
-                data, "dns_timeout", prefix, limits.DNS_TIMEOUT, 0, above=True
-            ),
-            fetch_timeout=self.seconds(
-                data, "fetch_timeout", prefix, limits.FETCH_TIMEOUT, 0, above=True
-            ),
+            dns_timeout=self.seconds(data, "dns_timeout", prefix, limits.DNS_TIMEOUT, 0, above=True),
+            fetch_timeout=self.seconds(data, "fetch_timeout", prefix, limits.FETCH_TIMEOUT, 0, above=True),
         )
 
     def policy(self, data: Mapping[str, object]) -> PolicyConfig:
         prefix = "policy"
         keys = tuple(PolicyConfig.__dataclass_fields__)
         self.table(data, prefix, keys)
-        negative_ttl_min = self.seconds(
-            data, "negative_ttl_min", prefix, limits.NEGATIVE_TTL_MIN, 1
-        )
-        negative_ttl_max = self.seconds(
-            data, "negative_ttl_max", prefix, limits.NEGATIVE_TTL_MAX, 1
-        )
+        negative_ttl_min = self.seconds(data, "negative_ttl_min", prefix, limits.NEGATIVE_TTL_MIN, 1)
+        negative_ttl_max = self.seconds(data, "negative_ttl_max", prefix, limits.NEGATIVE_TTL_MAX, 1)
         if negative_ttl_max < negative_ttl_min:
             raise self.fail(
                 f"{prefix}.negative_ttl_max",
                 f"must be >= policy.negative_ttl_min ({negative_ttl_min:g}), got {negative_ttl_max:g}",
             )
         return PolicyConfig(
-            recheck_interval=self.seconds(
-                data, "recheck_interval", prefix, limits.RECHECK_INTERVAL, 1
-            ),
+            recheck_interval=self.seconds(data, "recheck_interval", prefix, limits.RECHECK_INTERVAL, 1),
             recheck_deadline=self.seconds(
                 data,
                 "recheck_deadline",
@@ -816,18 +766,17 @@ class _Reader:
             ),
             negative_ttl_min=negative_ttl_min,
             negative_ttl_max=negative_ttl_max,
-            refresh_after=self.seconds(
-                data, "refresh_after", prefix, limits.REFRESH_AFTER, 1
-            ),
+            refresh_after=self.seconds(data, "refresh_after", prefix, limits.REFRESH_AFTER, 1),
             refresh_concurrency=self.integer(
-                data, "refresh_concurrency", prefix, limits.REFRESH_CONCURRENCY, 1
+                data,
+                "refresh_concurrency",
+                prefix,
+                limits.REFRESH_CONCURRENCY,
+                1,
+                REFRESH_CONCURRENCY_MAX,
             ),
-            refresh_jitter=self.seconds(
-                data, "refresh_jitter", prefix, limits.REFRESH_JITTER, 0
-            ),
-            refresh_idle_limit=self.seconds(
-                data, "refresh_idle_limit", prefix, limits.REFRESH_IDLE_LIMIT, 1
-            ),
+            refresh_jitter=self.seconds(data, "refresh_jitter", prefix, limits.REFRESH_JITTER, 0),
+            refresh_idle_limit=self.seconds(data, "refresh_idle_limit", prefix, limits.REFRESH_IDLE_LIMIT, 1),
             bracketed_next_hop=self.choice(  # type: ignore[arg-type]  # checked against the options
                 data, "bracketed_next_hop", prefix, BRACKETED_NEXT_HOP_MODES, "ignore"
             ),
@@ -839,14 +788,13 @@ class _Reader:
             if not PROFILE_NAME_PATTERN.fullmatch(name):
                 raise self.fail(
                     "profiles",
-                    f"profile name {json.dumps(name)} must be 1-64 letters, digits, _ or - (it is a socketmap NAME)",
+                    f"profile name {json.dumps(name)} must be 1-64 letters, digits, _ or -"
+                    " (it is a socketmap NAME)",
                 )
             prefix = f"profiles.{name}"
             section = self.subtable(data, name, "profiles")
             self.table(section, prefix, tuple(Profile.__dataclass_fields__))
-            profiles[name] = Profile(
-                enforce_testing=self.boolean(section, "enforce_testing", prefix, False)
-            )
+            profiles[name] = Profile(enforce_testing=self.boolean(section, "enforce_testing", prefix, False))
         return MappingProxyType(profiles)
 
     def log(self, data: Mapping[str, object]) -> LogConfig:
@@ -890,14 +838,8 @@ class _Reader:
         """Two listeners on one address would fail at bind time with a worse message."""
         seen: dict[ListenAddress, str] = {}
         named = [
-            *(
-                (f"listen.socketmap[{i}]", a)
-                for i, a in enumerate(config.listen.socketmap)
-            ),
-            *(
-                (f"listen.tcp_table[{i}]", a)
-                for i, a in enumerate(config.listen.tcp_table)
-            ),
+            *((f"listen.socketmap[{i}]", a) for i, a in enumerate(config.listen.socketmap)),
+            *((f"listen.tcp_table[{i}]", a) for i, a in enumerate(config.listen.tcp_table)),
         ]
         if config.metrics.listen is not None:
             named.append(("metrics.listen", config.metrics.listen))
