@@ -1,0 +1,461 @@
+"""The default policy store: one SQLite file, worked on by one dedicated thread.
+
+Every statement runs on a single-thread pool so the reactor never waits for the
+disk. The file is in WAL mode with ``synchronous=FULL``: ``put`` returns only
+after its transaction is committed to disk, so a policy is durable before it is
+used to answer or replaces an older one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar, cast
+
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from postfix_mtasts.cache import CacheEntry, IPolicyStore, StoreUnavailable
+
+log = logging.getLogger("postfix_mtasts.cache")
+
+#: Seconds a statement waits for another connection's lock before failing.
+BUSY_TIMEOUT = 5.0
+#: Mode of the state directory when we create it, and of the database file.
+DIRECTORY_MODE = 0o750
+FILE_MODE = 0o600
+#: Where the cache lives when running as root, and its name under any state dir.
+SYSTEM_STATE_DIRECTORY = "/var/lib/postfix-mtasts"
+STATE_SUBDIRECTORY = "postfix-mtasts"
+DATABASE_NAME = "cache.sqlite3"
+#: Files SQLite keeps beside the database; moved aside with it when corrupt.
+SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+#: SQLite primary result codes that mean the file itself is damaged.
+CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+#: Longest SQLite corruption report quoted in the log line.
+REASON_LIMIT = 160
+
+_T = TypeVar("_T")
+
+#: One schema step: run inside its own transaction, then user_version is bumped.
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _statements(*sql: str) -> Migration:
+    def migrate(conn: sqlite3.Connection) -> None:
+        for statement in sql:
+            conn.execute(statement)
+
+    return migrate
+
+
+#: The schema history; MIGRATIONS[n] takes a database from version n to n + 1.
+#: ``data`` is CacheEntry.to_json(); ``expires_at`` and ``last_used`` are copies
+#: of its fields so that prune and load are index scans, never JSON parses.
+MIGRATIONS: tuple[Migration, ...] = (
+    _statements(
+        "CREATE TABLE entries ("
+        " domain TEXT PRIMARY KEY,"
+        " data TEXT NOT NULL,"
+        " expires_at REAL NOT NULL,"
+        " last_used REAL NOT NULL)",
+        "CREATE INDEX entries_last_used ON entries (last_used)",
+        "CREATE INDEX entries_expires_at ON entries (expires_at)",
+    ),
+)
+
+_UPSERT = (
+    "INSERT INTO entries (domain, data, expires_at, last_used) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (domain) DO UPDATE SET data = excluded.data,"
+    " expires_at = excluded.expires_at, last_used = excluded.last_used"
+)
+
+
+class ThreadedReactor(Protocol):
+    """What the store needs of the reactor (IReactorCore plus threads)."""
+
+    def seconds(self) -> float: ...
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None: ...
+    def addSystemEventTrigger(self, phase: str, eventType: str, callable: Callable[..., Any]) -> Any: ...
+    def removeSystemEventTrigger(self, triggerID: Any) -> None: ...
+
+
+class StoreError(Exception):
+    """The database cannot be used at all (newer schema, failed migration);
+    ``str()`` is one line naming the file and the way out."""
+
+
+class _Corrupt(Exception):
+    """The file is damaged; the text is SQLite's reason.
+
+    ``conn`` is still open: closing it first would let SQLite delete the -wal
+    file, which belongs with the damaged database for whoever inspects it.
+    """
+
+    def __init__(self, reason: str, conn: sqlite3.Connection | None) -> None:
+        super().__init__(reason)
+        self.conn = conn
+
+
+def default_path(environ: Mapping[str, str] | None = None, euid: int | None = None) -> str:
+    """Where the cache lives: ``$STATE_DIRECTORY`` (systemd) first, then
+    /var/lib/postfix-mtasts for root, else ``$XDG_STATE_HOME/postfix-mtasts``."""
+    env = os.environ if environ is None else environ
+    uid = os.geteuid() if euid is None else euid
+    state_directory = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_directory:
+        return os.path.join(state_directory, DATABASE_NAME)
+    if uid == 0:
+        return os.path.join(SYSTEM_STATE_DIRECTORY, DATABASE_NAME)
+    xdg = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(xdg):
+        # The XDG spec says a relative value is invalid and must be ignored.
+        home = env.get("HOME") or os.path.expanduser("~")
+        xdg = os.path.join(home, ".local", "state")
+    return os.path.join(xdg, STATE_SUBDIRECTORY, DATABASE_NAME)
+
+
+def _row(entry: CacheEntry) -> tuple[str, str, float, float]:
+    return (entry.domain, entry.to_json(), entry.expires_at, entry.last_used)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@implementer(IPolicyStore)
+class SqliteStore:
+    """Entries in the SQLite file ``path``; leases are always granted.
+
+    ``max_bytes`` bounds the file (SQLite's max_page_count): a put that would
+    grow it further fails with StoreUnavailable, as on a full disk.
+    """
+
+    name = "sqlite"
+
+    def __init__(
+        self,
+        reactor: ThreadedReactor,
+        path: str,
+        *,
+        busy_timeout: float = BUSY_TIMEOUT,
+        max_bytes: int | None = None,
+        migrations: Sequence[Migration] = MIGRATIONS,
+    ) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._busy_timeout = busy_timeout
+        self._max_bytes = max_bytes
+        self._migrations = tuple(migrations)
+        self._pool: ThreadPool | None = None
+        self._shutdown_trigger: object | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._malformed_reported = False
+        #: Rows skipped because their data did not parse, since open().
+        self.malformed_rows = 0
+
+    # --- running work on the database thread ---------------------------------
+
+    async def _call(self, fn: Callable[..., _T], *args: object) -> _T:
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable(f"cache database {self.path} is not open")
+        reactor = cast(IReactorFromThreads, self._reactor)
+        return await deferToThreadPool(reactor, pool, fn, *args)
+
+    def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        """Run ``fn(conn, *args)`` on the database thread; SQLite errors become
+        StoreUnavailable and leave no transaction open."""
+        conn = self._conn
+        if conn is None:
+            raise StoreUnavailable(f"cache database {self.path} is not open")
+        try:
+            return fn(conn, *args)
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise StoreUnavailable(f"cache database {self.path}: {_one_line(e)}") from e
+
+    async def _do(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await self._call(self._run, fn, *args)
+
+    # --- opening --------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = ThreadPool(1, 1, name=f"sqlite {self.path}")
+        pool.start()
+        self._pool = pool
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+        self._malformed_reported = False
+        self.malformed_rows = 0
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._reactor.seconds()))
+        try:
+            self._conn = await self._call(self._open_in_thread, stamp)
+        except BaseException:
+            self._stop_pool()
+            raise
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        if pool is not None:
+            pool.stop()
+
+    def _open_in_thread(self, stamp: str) -> sqlite3.Connection:
+        self._make_directory()
+        try:
+            conn = self._connect()
+        except _Corrupt as e:
+            try:
+                aside = self._move_aside(stamp)
+            finally:
+                if e.conn is not None:
+                    e.conn.close()
+            log.error(
+                "cache database %s is corrupt (%s); moved aside to %s and starting empty",
+                self.path,
+                e,
+                aside,
+            )
+            try:
+                conn = self._connect()
+            except _Corrupt as again:
+                if again.conn is not None:
+                    again.conn.close()
+                raise StoreError(
+                    f"cache database {self.path} is still corrupt after moving the old file aside ({again})"
+                ) from None
+        try:
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _make_directory(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if os.path.isdir(directory):
+            return
+        try:
+            os.makedirs(directory, mode=DIRECTORY_MODE)
+            os.chmod(directory, DIRECTORY_MODE)  # makedirs' mode is cut by umask
+        except OSError as e:
+            raise StoreUnavailable(f"cannot create cache directory {directory}: {e.strerror}") from e
+
+    def _connect(self) -> sqlite3.Connection:
+        """A checked connection in WAL mode; raises _Corrupt for a damaged file."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StoreUnavailable(f"cannot create cache database {self.path}: {e.strerror}") from e
+        else:
+            os.close(fd)
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            # Checked before anything writes to the file, so that a damaged
+            # file is moved aside exactly as it was found.
+            problems = conn.execute("PRAGMA quick_check").fetchall()
+            if problems != [("ok",)]:
+                reason = _one_line(Exception(problems[0][0]))
+                if len(reason) > REASON_LIMIT:
+                    reason = reason[: REASON_LIMIT - 3] + "..."
+                raise _Corrupt(f"quick_check: {reason}", conn)
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning(
+                    "cache database %s: WAL journal mode unavailable, using %s",
+                    self.path,
+                    mode,
+                )
+            conn.execute("PRAGMA synchronous = FULL")
+            if self._max_bytes is not None:
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                pages = max(1, self._max_bytes // int(page_size))
+                conn.execute(f"PRAGMA max_page_count = {pages}")
+            return conn
+        except _Corrupt:
+            raise
+        except sqlite3.DatabaseError as e:
+            if (e.sqlite_errorcode & 0xFF) in CORRUPT_CODES:
+                raise _Corrupt(_one_line(e), conn) from e
+            if conn is not None:
+                conn.close()
+            raise StoreUnavailable(f"cannot open cache database {self.path}: {_one_line(e)}") from e
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+
+    def _move_aside(self, stamp: str) -> str:
+        base = f"{self.path}.corrupt-{stamp}"
+        aside, n = base, 1
+        while os.path.exists(aside):
+            aside, n = f"{base}.{n}", n + 1
+        try:
+            os.replace(self.path, aside)
+            for suffix in SIDE_SUFFIXES:
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+        except OSError as e:
+            raise StoreError(
+                f"cache database {self.path} is corrupt and cannot be moved"
+                f" aside ({e.strerror}); remove it by hand"
+            ) from e
+        return aside
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        known = len(self._migrations)
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot read cache database {self.path}: {_one_line(e)}") from e
+        if version > known:
+            raise StoreError(
+                f"cache database {self.path} has schema version {version}, newer"
+                f" than this postfix-mtasts knows ({known}); upgrade postfix-mtasts"
+                " or move the file aside"
+            )
+        for target in range(version + 1, known + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                self._migrations[target - 1](conn)
+                conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute("COMMIT")
+            except Exception as e:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(
+                    f"cache database {self.path}: migration to schema version {target} failed: {_one_line(e)}"
+                ) from e
+
+    # --- reading --------------------------------------------------------------
+
+    def _parse(self, rows: list[tuple[str, str]]) -> list[CacheEntry]:
+        """Entries from (domain, data) rows; malformed rows are left out and
+        reported once per open."""
+        entries: list[CacheEntry] = []
+        bad: list[tuple[str, str]] = []
+        for domain, data in rows:
+            try:
+                entry = CacheEntry.from_json(data)
+            except ValueError as e:
+                bad.append((domain, _one_line(e)))
+                continue
+            if entry.domain != domain:
+                bad.append((domain, f"row holds the entry of {entry.domain!r}"))
+                continue
+            entries.append(entry)
+        if bad:
+            self.malformed_rows += len(bad)
+            if not self._malformed_reported:
+                self._malformed_reported = True
+                log.warning(
+                    "cache database %s: skipped %d malformed entries (first: %s: %s);"
+                    " they are ignored until replaced",
+                    self.path,
+                    len(bad),
+                    bad[0][0],
+                    bad[0][1],
+                )
+        return entries
+
+    async def load(self, limit: int) -> list[CacheEntry]:
+        if limit <= 0:
+            return []
+
+        def load(conn: sqlite3.Connection) -> list[CacheEntry]:
+            rows = conn.execute(
+                "SELECT domain, data FROM entries ORDER BY last_used DESC, domain LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return self._parse(rows)
+
+        return await self._do(load)
+
+    async def get(self, domain: str) -> CacheEntry | None:
+        def get(conn: sqlite3.Connection) -> CacheEntry | None:
+            rows = conn.execute("SELECT domain, data FROM entries WHERE domain = ?", (domain,)).fetchall()
+            entries = self._parse(rows)
+            return entries[0] if entries else None
+
+        return await self._do(get)
+
+    async def count(self) -> int:
+        def count(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+        return await self._do(count)
+
+    # --- writing --------------------------------------------------------------
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, sql: str, rows: list[tuple[object, ...]]) -> int:
+        conn.execute("BEGIN IMMEDIATE")
+        cursor = conn.executemany(sql, rows) if rows else conn.execute(sql)
+        conn.execute("COMMIT")
+        return int(cursor.rowcount)
+
+    async def put(self, entry: CacheEntry) -> None:
+        await self._do(self._write, _UPSERT, [_row(entry)])
+
+    async def put_many(self, entries: list[CacheEntry]) -> None:
+        if entries:
+            await self._do(self._write, _UPSERT, [_row(e) for e in entries])
+
+    async def delete(self, domain: str) -> None:
+        await self._do(self._write, "DELETE FROM entries WHERE domain = ?", [(domain,)])
+
+    async def delete_all(self) -> None:
+        await self._do(self._write, "DELETE FROM entries", [])
+
+    async def prune(self, now: float) -> int:
+        return await self._do(self._write, "DELETE FROM entries WHERE expires_at <= ?", [(now,)])
+
+    async def acquire_lease(self, domain: str, holder: str, ttl: float) -> bool:
+        if self._pool is None:
+            raise StoreUnavailable(f"cache database {self.path} is not open")
+        return True
+
+    async def release_lease(self, domain: str, holder: str) -> None:
+        if self._pool is None:
+            raise StoreUnavailable(f"cache database {self.path} is not open")
+
+    # --- closing --------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._pool is None:
+            return
+
+        def close_in_thread() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        try:
+            await self._call(close_in_thread)
+        except sqlite3.Error as e:
+            log.warning("cache database %s: error on close: %s", self.path, _one_line(e))
+        finally:
+            self._stop_pool()
