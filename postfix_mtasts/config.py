@@ -168,6 +168,8 @@ class ResolverConfig:
     ca_file: str = ""
     dns_timeout: float = limits.DNS_TIMEOUT
     fetch_timeout: float = limits.FETCH_TIMEOUT
+    #: RFC 8461 fixes 443; another port exists for test set-ups only.
+    https_port: int = 443
 
 
 @dataclass(frozen=True, slots=True)
@@ -712,7 +714,7 @@ class _Reader:
 
     def resolver(self, data: Mapping[str, object]) -> ResolverConfig:
         prefix = "resolver"
-        self.table(data, prefix, ("nameservers", "ca_file", "dns_timeout", "fetch_timeout"))
+        self.table(data, prefix, ("nameservers", "ca_file", "dns_timeout", "fetch_timeout", "https_port"))
         ca_file = self.path(data, "ca_file", prefix)
         if ca_file and not os.path.isfile(ca_file):
             problem = "is not a file" if os.path.exists(ca_file) else "does not exist"
@@ -722,6 +724,7 @@ class _Reader:
             ca_file=ca_file,
             dns_timeout=self.seconds(data, "dns_timeout", prefix, limits.DNS_TIMEOUT, 0, above=True),
             fetch_timeout=self.seconds(data, "fetch_timeout", prefix, limits.FETCH_TIMEOUT, 0, above=True),
+            https_port=self.integer(data, "https_port", prefix, 443, 1, 65535),
         )
 
     def policy(self, data: Mapping[str, object]) -> PolicyConfig:

@@ -108,7 +108,11 @@ def build_store(reactor: Any, config: Config) -> IPolicyStore:
 def build_lookup(reactor: Any, config: Config, store: IPolicyStore) -> PolicyLookup:
     dns = DnsResolver(nameserver_strings(config.resolver.nameservers), timeout=config.resolver.dns_timeout)
     fetcher = HttpsPolicyFetcher(
-        reactor, dns, ca_file=config.resolver.ca_file, timeout=config.resolver.fetch_timeout
+        reactor,
+        dns,
+        ca_file=config.resolver.ca_file,
+        timeout=config.resolver.fetch_timeout,
+        port=config.resolver.https_port,
     )
     return PolicyLookup(reactor, dns, fetcher, store, lookup_settings(config))
 
