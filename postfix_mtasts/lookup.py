@@ -373,7 +373,14 @@ class PolicyLookup:
             return Resolution(kept, f"policy id {policy_id} unchanged", tuple(trace))
         if (previous is not None and previous.failed_id == policy_id and now < previous.retry_at
                 and not force_fetch):
-            kept = replace(previous, checked_at=now)
+            if cached is not None:
+                kept = replace(cached, checked_at=now)
+            else:
+                # The policy that outlived the failure has expired meanwhile:
+                # it must not answer again; "no usable policy" until the retry.
+                kept = CacheEntry(domain, Source.FAILED, expires_at=previous.retry_at, checked_at=now,
+                                  failed_id=policy_id, retry_at=previous.retry_at,
+                                  failure=previous.failure, last_used=previous.last_used)
             return Resolution(kept, f"fetch of policy id {policy_id} failed ({previous.failure}); "
                                     f"no retry before {_stamp(previous.retry_at)}", tuple(trace))
 
