@@ -128,6 +128,9 @@ class PolicyLookup:
         self._inflight: dict[str, Deferred[Resolution]] = {}
         self._traces: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._refresh_heap: list[tuple[float, str, float]] = []
+        # fetched_at of the policy each domain has a refresh queued for, so
+        # that rechecks which keep a policy do not queue it again.
+        self._refresh_queued: dict[str, float] = {}
         self._refresh_limit = DeferredSemaphore(max(1, settings.refresh_concurrency))
         self._refreshing: set[str] = set()
         self._touched: dict[str, float] = {}
@@ -449,9 +452,11 @@ class PolicyLookup:
 
     def _remember(self, entry: CacheEntry) -> None:
         self.front.put(entry)
-        if entry.source is Source.FETCHED and entry.policy is not None:
+        if (entry.source is Source.FETCHED and entry.policy is not None
+                and self._refresh_queued.get(entry.domain) != entry.fetched_at):
             due = self._refresh_due_at(entry)
             heapq.heappush(self._refresh_heap, (due, entry.domain, entry.fetched_at))
+            self._refresh_queued[entry.domain] = entry.fetched_at
 
     def _refresh_due_at(self, entry: CacheEntry) -> float:
         assert entry.policy is not None
@@ -487,6 +492,7 @@ class PolicyLookup:
             count = len(self.front)
             self.front.clear()
             self._refresh_heap.clear()
+            self._refresh_queued.clear()
             await self.store.delete_all()
             return count
         present = domain in self.front
@@ -503,6 +509,8 @@ class PolicyLookup:
         due: list[str] = []
         while heap and heap[0][0] <= now:
             _, domain, fetched_at = heapq.heappop(heap)
+            if self._refresh_queued.get(domain) == fetched_at:
+                del self._refresh_queued[domain]
             entry = self.front.peek(domain)
             if entry is None or entry.fetched_at != fetched_at or domain in self._refreshing:
                 continue  # superseded, evicted, or already running
