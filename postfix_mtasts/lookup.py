@@ -142,7 +142,13 @@ class PolicyLookup:
 
     async def start(self) -> int:
         """Warm the front from the store; returns how many entries were loaded."""
-        entries = await self.store.load(self.settings.memory_entries)
+        try:
+            entries = await self.store.load(self.settings.memory_entries)
+        except StoreUnavailable as e:
+            # Same rule as for every other store fault: answer from memory and
+            # fresh resolutions meanwhile, rather than refuse to serve.
+            log.warning("store unavailable at start (%s); starting with an empty cache", e)
+            entries = []
         now = self.reactor.seconds()
         loaded = 0
         for entry in reversed(entries):  # most recently used last = most recent in LRU
