@@ -1,0 +1,709 @@
+"""The cache rules of PolicyLookup (RFC 8461 §3.3, §5.1), proved under task.Clock.
+
+Every test drives time by hand and counts DNS and HTTPS calls on scripted
+fakes, so "answered from memory" means "no DNS call at all", not "fast".
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from postfix_mtasts.cache import CacheEntry, Source
+from postfix_mtasts.lookup import LookupSettings, PolicyLookup, Resolution, entry_answer
+from postfix_mtasts.policy.answer import policy_answer
+from postfix_mtasts.policy.model import Answer, AnswerKind, Mode, Policy
+from postfix_mtasts.resolver import FailureCategory, FetchFailed, TxtAbsent, TxtFailed
+from tests.fakes import (
+    FakeFetcher,
+    FakeTxtResolver,
+    FlakyStore,
+    fetch_failed,
+    fetched,
+    opened,
+    policy,
+    result_of,
+    run,
+    txt,
+)
+
+#: A realistic epoch for the Clock, so no rule can pass by comparing with 0.
+T0 = 1_700_000_000.0
+DOMAIN = "example.com"
+#: Long enough that no TXT recheck happens in tests about other rules.
+NEVER = 10.0**9
+
+P1 = policy(Mode.ENFORCE, 1000, "mx1.example.com")
+P2 = policy(Mode.ENFORCE, 1000, "mx2.example.com")
+OK1 = policy_answer(P1)
+OK2 = policy_answer(P2)
+
+
+@dataclass
+class World:
+    clock: Clock
+    dns: FakeTxtResolver
+    https: FakeFetcher
+    store: FlakyStore
+    lookup: PolicyLookup
+
+    def ask(self, domain: str = DOMAIN, enforce_testing: bool = False) -> Deferred[Answer]:
+        return run(self.lookup.lookup(domain, enforce_testing))
+
+    def answer(self, domain: str = DOMAIN, enforce_testing: bool = False) -> Answer:
+        """A lookup that must complete without time passing."""
+        return result_of(self.ask(domain, enforce_testing))
+
+    def at(self, offset: float) -> None:
+        """Move the clock to T0 + offset, one second at a time so timers see each step."""
+        target = T0 + offset
+        assert target >= self.clock.seconds(), "time only moves forward"
+        while self.clock.seconds() + 1 < target:
+            self.clock.advance(1)
+        self.clock.advance(target - self.clock.seconds())
+
+    def start(self) -> int:
+        return result_of(run(self.lookup.start()))
+
+    def stop(self) -> Deferred[None]:
+        return run(self.lookup.stop())
+
+
+def make_world(**settings: Any) -> World:
+    clock = Clock()
+    clock.advance(T0)
+    store = FlakyStore()
+    opened(store)
+    dns = FakeTxtResolver()
+    https = FakeFetcher()
+    lookup = PolicyLookup(
+        clock, dns, https, store, LookupSettings(**settings), rng=random.Random(8461)
+    )
+    return World(clock, dns, https, store, lookup)
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    w = make_world(recheck_interval=NEVER)
+    yield w
+
+
+def publish(w: World, p: Policy, policy_id: str = "1", domain: str = DOMAIN) -> None:
+    w.dns.set_id(domain, policy_id)
+    w.https.set_policy(domain, p)
+
+
+# --- max_age --------------------------------------------------------------------
+
+
+def test_policy_answers_from_memory_without_dns_until_max_age(world: World) -> None:
+    publish(world, P1)
+    assert world.answer() == OK1
+    assert (world.dns.total, world.https.total) == (1, 1)
+    for offset in (1, 10, 500, 999, 999.9):
+        world.at(offset)
+        assert world.lookup.answer_now(DOMAIN, False) == OK1
+        assert world.answer() == OK1
+    assert (world.dns.total, world.https.total) == (1, 1)
+
+
+def test_policy_expires_at_max_age_and_the_next_lookup_resolves_again(world: World) -> None:
+    publish(world, P1)
+    world.answer()
+    world.at(1000)
+    assert world.lookup.answer_now(DOMAIN, False) is None
+    publish(world, P2, policy_id="1")
+    assert world.answer() == OK2
+    assert (world.dns.total, world.https.total) == (2, 2)
+
+
+# --- recheck of the TXT id -------------------------------------------------------
+
+
+def test_recheck_after_interval_checks_the_txt_id_once() -> None:
+    w = make_world(recheck_interval=60)
+    publish(w, P1)
+    w.answer()
+    w.at(59.9)
+    assert w.answer() == OK1
+    assert w.dns.total == 1
+    w.at(60)
+    assert w.lookup.answer_now(DOMAIN, False) is None  # a check is due: not from memory
+    assert w.answer() == OK1
+    assert (w.dns.total, w.https.total) == (2, 1)  # same id: no fetch
+    w.at(61)
+    assert w.answer() == OK1
+    assert w.dns.total == 2  # the check reset the interval
+
+
+def test_slow_recheck_answers_from_cache_at_deadline_and_finishes_in_background() -> None:
+    w = make_world(recheck_interval=60, recheck_deadline=2)
+    publish(w, P1)
+    w.answer()
+    w.at(60)
+    slow_dns = w.dns.hold(DOMAIN)
+    pending = w.ask()
+    assert w.dns.total == 2
+    w.at(61.9)
+    assert not pending.called
+    w.at(62)
+    assert result_of(pending) == OK1
+    # The check completes later, with a new id; its result is used from then on.
+    w.https.set_policy(DOMAIN, P2)
+    slow_dns.callback(txt("2"))
+    assert w.https.total == 2
+    assert w.lookup.answer_now(DOMAIN, False) == OK2
+    assert w.answer() == OK2
+    assert w.dns.total == 2
+
+
+def test_fast_recheck_answer_waits_for_the_check_result() -> None:
+    w = make_world(recheck_interval=60, recheck_deadline=2)
+    publish(w, P1)
+    w.answer()
+    w.at(60)
+    slow_dns = w.dns.hold(DOMAIN)
+    pending = w.ask()
+    w.at(61)
+    w.https.set_policy(DOMAIN, P2)
+    slow_dns.callback(txt("2"))
+    assert result_of(pending) == OK2
+
+
+# --- policy id changes ------------------------------------------------------------
+
+
+def test_new_id_fetches_and_a_valid_policy_replaces_the_cached_one() -> None:
+    w = make_world(recheck_interval=60)
+    publish(w, P1)
+    assert w.answer() == OK1
+    w.at(60)
+    publish(w, P2, policy_id="2")
+    assert w.answer() == OK2
+    assert (w.dns.total, w.https.total) == (2, 2)
+    stored = w.store.stored(DOMAIN)
+    assert stored is not None and stored.policy == P2 and stored.policy_id == "2"
+
+
+def test_new_id_whose_fetch_fails_keeps_the_cached_policy_until_it_expires() -> None:
+    w = make_world(recheck_interval=60)
+    publish(w, P1)
+    w.answer()
+    w.at(60)
+    w.dns.set_id(DOMAIN, "2")
+    w.https.set(DOMAIN, fetch_failed("TLS handshake failed"))
+    for offset in range(60, 1000, 60):
+        w.at(offset)
+        assert w.answer() == OK1, offset
+    w.at(999.5)
+    assert w.answer() == OK1
+    w.at(1000)
+    assert w.answer().kind is AnswerKind.NOTFOUND
+
+
+def test_fetched_mode_none_replaces_the_policy_at_once() -> None:
+    w = make_world(recheck_interval=60)
+    publish(w, P1)
+    w.answer()
+    w.at(60)
+    publish(w, policy(Mode.NONE, 1000), policy_id="2")
+    assert w.answer().kind is AnswerKind.NOTFOUND
+    assert w.lookup.answer_now(DOMAIN, False) == Answer(AnswerKind.NOTFOUND, w.answer().data)
+    assert w.https.total == 2
+
+
+def test_testing_mode_answers_per_profile() -> None:
+    w = make_world(recheck_interval=NEVER)
+    testing = policy(Mode.TESTING, 1000, "mx.example.com")
+    publish(w, testing)
+    assert w.answer(enforce_testing=False).kind is AnswerKind.NOTFOUND
+    assert w.answer(enforce_testing=True) == policy_answer(testing, True)
+    assert w.answer(enforce_testing=True).kind is AnswerKind.OK
+    assert w.answer(enforce_testing=False).kind is AnswerKind.NOTFOUND
+    assert w.dns.total == 1
+
+
+# --- no downgrade before max_age ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "trouble",
+    ["txt-absent", "dns-failing", "https-failing", "policy-invalid"],
+)
+def test_cached_policy_stays_in_force_until_max_age_whatever_discovery_says(trouble: str) -> None:
+    w = make_world(recheck_interval=60)
+    publish(w, P1)
+    w.answer()
+    if trouble == "txt-absent":
+        w.dns.set(DOMAIN, TxtAbsent("NXDOMAIN", negative_ttl=300))
+    elif trouble == "dns-failing":
+        w.dns.set(DOMAIN, TxtFailed("SERVFAIL"))
+    elif trouble == "https-failing":
+        w.dns.set_id(DOMAIN, "2")
+        w.https.set(DOMAIN, fetch_failed("connection refused"))
+    else:
+        w.dns.set_id(DOMAIN, "2")
+        w.https.set(DOMAIN, FetchFailed("mode: bogus", FailureCategory.INVALID))
+    for offset in range(30, 1000, 30):
+        w.at(offset)
+        assert w.answer() == OK1, (trouble, offset)
+    assert w.dns.total > 10  # it really kept checking
+    w.at(1000)
+    assert w.answer().kind is AnswerKind.NOTFOUND
+
+
+# --- back-off of failed fetches -------------------------------------------------
+
+
+def test_failed_fetch_of_a_cold_domain_is_not_retried_before_backoff() -> None:
+    w = make_world(recheck_interval=60, fetch_retry_backoff=300)
+    w.dns.set_id(DOMAIN, "1")
+    w.https.set(DOMAIN, fetch_failed())
+    for step in range(20):
+        w.at(step * 3)
+        assert w.answer().kind is AnswerKind.NOTFOUND
+    assert w.https.total == 1
+    w.at(299.9)
+    w.answer()
+    assert w.https.total == 1
+    w.at(300)
+    w.https.set_policy(DOMAIN, P1)
+    assert w.answer() == OK1
+    assert w.https.total == 2
+
+
+def test_failed_fetch_of_a_new_id_is_not_retried_before_backoff_while_rechecking() -> None:
+    w = make_world(recheck_interval=1, fetch_retry_backoff=300)
+    publish(w, P1)
+    w.answer()
+    w.at(10)
+    w.dns.set_id(DOMAIN, "2")
+    w.https.set(DOMAIN, fetch_failed())
+    dns_before = w.dns.total
+    for step in range(20):
+        w.at(10 + step * 3)
+        assert w.answer() == OK1
+    assert w.dns.total == dns_before + 20  # every lookup rechecked the id...
+    assert w.https.total == 2  # ...but only the first fetched it
+    w.at(309)
+    w.answer()
+    assert w.https.total == 2
+    w.at(310)
+    w.https.set_policy(DOMAIN, P2)
+    assert w.answer() == OK2
+    assert w.https.total == 3
+
+
+# --- proactive refresh -------------------------------------------------------------
+
+
+def refresh_times(w: World, until: float, domain: str = DOMAIN, keep_using: bool = True) -> list[float]:
+    """Step the clock to ``until`` and note when each new fetch of ``domain`` happened."""
+    times: list[float] = []
+    seen = w.https.calls[domain]
+    while w.clock.seconds() < T0 + until:
+        w.clock.advance(1)
+        if keep_using and int(w.clock.seconds() - T0) % 20 == 0:
+            w.lookup.answer_now(domain, False)
+        if w.https.calls[domain] != seen:
+            times.extend([w.clock.seconds() - T0] * (w.https.calls[domain] - seen))
+            seen = w.https.calls[domain]
+    return times
+
+
+def test_cached_policy_is_refreshed_before_expiry_after_half_its_max_age() -> None:
+    w = make_world(recheck_interval=NEVER, refresh_scan_interval=60, refresh_jitter=300)
+    w.start()
+    publish(w, P1)
+    w.answer()
+    times = refresh_times(w, 999)
+    # due at max_age/2 plus jitter up to a quarter of that, found by a scan within 60 s
+    assert len(times) == 1
+    assert 500 <= times[0] <= 625 + 60
+    # The refresh renewed the policy: still answered from memory past the first max_age.
+    w.at(1100)
+    assert w.lookup.answer_now(DOMAIN, False) == OK1
+    assert w.dns.total == w.https.total  # only refreshes asked DNS
+
+
+def test_refresh_after_applies_when_shorter_than_half_max_age() -> None:
+    w = make_world(recheck_interval=NEVER, refresh_after=200, refresh_scan_interval=10)
+    w.start()
+    publish(w, P1)
+    w.answer()
+    times = refresh_times(w, 300)
+    assert len(times) == 1
+    assert 200 <= times[0] <= 250 + 10
+
+
+def test_refresh_fetches_even_when_the_id_is_unchanged_and_replaces_the_policy() -> None:
+    w = make_world(recheck_interval=NEVER, refresh_scan_interval=60)
+    w.start()
+    publish(w, P1)
+    w.answer()
+    w.https.set_policy(DOMAIN, P2)  # same id "1": a refresh must still fetch
+    times = refresh_times(w, 700)
+    assert len(times) == 1
+    assert w.lookup.answer_now(DOMAIN, False) == OK2
+
+
+def test_refresh_runs_at_most_refresh_concurrency_fetches_at_once() -> None:
+    w = make_world(
+        recheck_interval=NEVER, refresh_concurrency=3, refresh_scan_interval=60, refresh_jitter=0
+    )
+    w.start()
+    domains = [f"d{i}.example" for i in range(10)]
+    for domain in domains:
+        publish(w, P1, domain=domain)
+        assert w.answer(domain) == OK1
+    held = {domain: w.https.hold(domain) for domain in domains}
+    while w.https.in_flight == 0 and w.clock.seconds() < T0 + 700:
+        w.clock.advance(1)
+        for domain in domains:
+            w.lookup.answer_now(domain, False)
+    assert w.https.in_flight == 3
+    assert w.lookup.stats.refresh_queue == 10  # all due at once, 3 running
+    started = [d for d in domains if w.https.calls[d] == 2]
+    assert len(started) == 3
+    completed = 0
+    while completed < len(domains):
+        running = [d for d in domains if w.https.calls[d] == 2 and not held[d].called]
+        assert running, "refresh stalled"
+        held[running[0]].callback(fetched(P2))
+        completed += 1
+        assert w.https.in_flight <= 3
+    assert w.https.max_in_flight == 3
+    assert all(w.https.calls[d] == 2 for d in domains)
+    assert all(w.lookup.answer_now(d, False) == OK2 for d in domains)
+
+
+def test_policy_unused_for_the_idle_limit_is_not_refreshed_and_expires() -> None:
+    w = make_world(recheck_interval=NEVER, refresh_idle_limit=100, refresh_scan_interval=60)
+    w.start()
+    publish(w, P1, domain="idle.example")
+    publish(w, P1, domain="busy.example")
+    w.answer("idle.example")
+    w.answer("busy.example")
+    while w.clock.seconds() < T0 + 999:
+        w.clock.advance(1)
+        if int(w.clock.seconds() - T0) % 20 == 0:
+            assert w.lookup.answer_now("busy.example", False) == OK1
+    assert w.https.calls["busy.example"] == 2
+    assert w.https.calls["idle.example"] == 1
+    assert w.lookup.answer_now("idle.example", False) == OK1  # still in force at 999
+    w.at(1000)
+    assert w.lookup.answer_now("idle.example", False) is None
+    assert w.answer("idle.example") == OK1
+    assert w.dns.calls["idle.example"] == 2
+
+
+def test_refresh_fetches_each_due_policy_once_even_after_many_rechecks() -> None:
+    """Rechecks keep the policy; they must not queue extra refreshes of it."""
+    w = make_world(recheck_interval=10, refresh_scan_interval=60)
+    w.start()
+    publish(w, P1)
+    w.answer()
+    for offset in range(10, 490, 10):
+        w.at(offset)
+        assert w.answer() == OK1
+    times = refresh_times(w, 800)
+    assert len(times) == 1
+
+
+# --- negative cache ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("negative_ttl", "remembered"),
+    [(10, 300.0), (1000, 1000.0), (10**6, 86_400.0), (None, 300.0)],
+)
+def test_absent_record_is_remembered_for_the_clamped_negative_ttl(
+    negative_ttl: int | None, remembered: float
+) -> None:
+    w = make_world(negative_ttl_min=300, negative_ttl_max=86_400)
+    w.dns.set(DOMAIN, TxtAbsent("NXDOMAIN", negative_ttl=negative_ttl))
+    assert w.answer().kind is AnswerKind.NOTFOUND
+    w.at(remembered - 0.5)
+    assert w.lookup.answer_now(DOMAIN, False) is not None
+    assert w.answer().kind is AnswerKind.NOTFOUND
+    assert w.dns.total == 1
+    w.at(remembered)
+    assert w.lookup.answer_now(DOMAIN, False) is None
+    publish(w, P1)
+    assert w.answer() == OK1
+    assert w.dns.total == 2
+    assert w.https.total == 1
+
+
+def test_dns_failure_of_a_cold_domain_is_retried_soon() -> None:
+    w = make_world()
+    w.dns.set(DOMAIN, TxtFailed("timeout"))
+    assert w.answer().kind is AnswerKind.NOTFOUND
+    publish(w, P1)
+    w.at(120)
+    assert w.answer() == OK1
+    assert w.dns.total == 2
+
+
+# --- single flight -------------------------------------------------------------------
+
+
+def test_concurrent_lookups_share_one_dns_query_and_one_fetch() -> None:
+    w = make_world()
+    slow_dns = w.dns.hold(DOMAIN)
+    slow_fetch = w.https.hold(DOMAIN)
+    waiting = [w.ask() for _ in range(60)]
+    assert w.dns.total == 1
+    slow_dns.callback(txt("1"))
+    assert w.https.total == 1
+    assert not any(d.called for d in waiting)
+    w.at(1)
+    slow_fetch.callback(fetched(P1))
+    answers = [result_of(d) for d in waiting]
+    assert answers == [OK1] * 60
+    assert (w.dns.total, w.https.total) == (1, 1)
+
+
+# --- first lookup deadline ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("temp", [False, True])
+def test_cold_lookup_past_first_deadline_answers_and_resolution_finishes(temp: bool) -> None:
+    w = make_world(first_lookup_deadline=20, temp_on_first_lookup_timeout=temp)
+    slow_dns = w.dns.hold(DOMAIN)
+    pending = w.ask()
+    w.at(19.9)
+    assert not pending.called
+    w.at(20)
+    answer = result_of(pending)
+    assert answer.kind is (AnswerKind.TEMP if temp else AnswerKind.NOTFOUND)
+    w.at(25)
+    w.https.set_policy(DOMAIN, P1)
+    slow_dns.callback(txt("1"))
+    assert w.lookup.answer_now(DOMAIN, False) == OK1
+    assert w.answer() == OK1
+    assert (w.dns.total, w.https.total) == (1, 1)
+    assert w.clock.getDelayedCalls() == []
+
+
+# --- durability ------------------------------------------------------------------------
+
+
+def test_new_policy_is_in_the_store_before_the_lookup_answers_with_it() -> None:
+    w = make_world()
+    publish(w, P1)
+    gate: Deferred[None] = Deferred()
+    w.store.put_gate = gate
+    pending = w.ask()
+    assert w.https.total == 1
+    assert not pending.called
+    assert w.store.stored(DOMAIN) is None
+    w.store.put_gate = None
+    gate.callback(None)
+    assert result_of(pending) == OK1
+    stored = w.store.stored(DOMAIN)
+    assert stored is not None and stored.policy == P1
+
+
+def test_replacing_policy_is_stored_before_it_is_answered() -> None:
+    w = make_world(recheck_interval=60, recheck_deadline=NEVER)
+    publish(w, P1)
+    w.answer()
+    w.at(60)
+    publish(w, P2, policy_id="2")
+    gate: Deferred[None] = Deferred()
+    w.store.put_gate = gate
+    pending = w.ask()
+    assert not pending.called
+    stored = w.store.stored(DOMAIN)
+    assert stored is not None and stored.policy == P1
+    gate.callback(None)
+    assert result_of(pending) == OK2
+    stored = w.store.stored(DOMAIN)
+    assert stored is not None and stored.policy == P2
+
+
+def test_unchanged_id_does_not_write_the_store() -> None:
+    w = make_world(recheck_interval=60)
+    publish(w, P1)
+    w.answer()
+    puts = w.store.calls["put"]
+    w.at(60)
+    w.answer()
+    assert w.store.calls["put"] == puts
+
+
+# --- start -------------------------------------------------------------------------------
+
+
+def stored_entry(domain: str, p: Policy, fetched_offset: float, checked_offset: float) -> CacheEntry:
+    fetched_at = T0 + fetched_offset
+    return CacheEntry(
+        domain, Source.FETCHED, expires_at=fetched_at + p.max_age, checked_at=T0 + checked_offset,
+        policy_id="1", policy=p, policy_text=fetched(p).text, fetched_at=fetched_at,
+        last_used=fetched_at,
+    )
+
+
+def test_start_loads_entries_in_force_and_answers_them_without_dns() -> None:
+    w = make_world(recheck_interval=60)
+    fresh = stored_entry("fresh.example", P1, fetched_offset=-500, checked_offset=-10)
+    stale = stored_entry("stale.example", P1, fetched_offset=-1000, checked_offset=-10)
+    negative = CacheEntry("none.example", Source.NEGATIVE, expires_at=T0 + 100, checked_at=T0 - 10)
+    result_of(run(w.store.put_many([fresh, stale, negative])))
+    assert w.start() == 2
+    assert w.lookup.answer_now("fresh.example", False) == OK1
+    assert w.answer("fresh.example") == OK1
+    assert w.answer("none.example").kind is AnswerKind.NOTFOUND
+    assert "stale.example" not in w.lookup.front
+    assert w.dns.total == 0
+    publish(w, P2, domain="stale.example")
+    assert w.answer("stale.example") == OK2
+    assert w.dns.calls["stale.example"] == 1
+
+
+def test_lookup_falls_back_to_the_store_when_memory_lost_the_entry() -> None:
+    w = make_world(recheck_interval=NEVER, memory_entries=1)
+    publish(w, P1, domain="a.example")
+    publish(w, P2, domain="b.example")
+    w.answer("a.example")
+    w.answer("b.example")  # evicts a.example from memory
+    assert "a.example" not in w.lookup.front
+    assert w.answer("a.example") == OK1
+    assert w.dns.calls["a.example"] == 1
+    assert w.lookup.stats.store_hits == 1
+
+
+# --- store down ----------------------------------------------------------------------------
+
+
+def test_store_down_from_the_start_still_answers_from_fresh_resolutions() -> None:
+    w = make_world(recheck_interval=NEVER)
+    w.store.down = True
+    assert w.start() == 0
+    publish(w, P1)
+    assert w.answer() == OK1
+    assert w.answer() == OK1
+    assert (w.dns.total, w.https.total) == (1, 1)
+    assert result_of(w.stop()) is None
+
+
+def test_store_going_down_keeps_answers_from_memory_and_new_resolutions() -> None:
+    w = make_world(recheck_interval=60)
+    w.start()
+    publish(w, P1)
+    w.answer()
+    w.store.down = True
+    w.at(30)
+    assert w.answer() == OK1
+    publish(w, P2, domain="other.example")
+    assert w.answer("other.example") == OK2
+    w.at(60)
+    publish(w, P2, policy_id="2")
+    assert w.answer() == OK2
+    w.at(4000)  # past prune and write-back timers, which must swallow the outage
+    assert w.lookup.answer_now("other.example", False) is None
+    assert result_of(w.stop()) is None
+
+
+# --- stop ------------------------------------------------------------------------------------
+
+
+def test_stop_waits_for_resolutions_in_flight_and_cancels_timers() -> None:
+    w = make_world(first_lookup_deadline=20)
+    w.start()
+    assert w.clock.getDelayedCalls() != []
+    slow_dns = w.dns.hold(DOMAIN)
+    pending = w.ask()
+    stopped = w.stop()
+    assert not stopped.called
+    w.https.set_policy(DOMAIN, P1)
+    slow_dns.callback(txt("1"))
+    assert result_of(pending) == OK1
+    assert result_of(stopped) is None
+    assert w.clock.getDelayedCalls() == []
+    stored = w.store.stored(DOMAIN)
+    assert stored is not None and stored.policy == P1
+
+
+def test_stop_waits_for_a_refresh_in_flight() -> None:
+    w = make_world(recheck_interval=NEVER, refresh_scan_interval=60)
+    w.start()
+    publish(w, P1)
+    w.answer()
+    held = w.https.hold(DOMAIN)
+    while w.https.in_flight == 0 and w.clock.seconds() < T0 + 700:
+        w.clock.advance(1)
+        w.lookup.answer_now(DOMAIN, False)
+    assert w.https.in_flight == 1
+    stopped = w.stop()
+    assert not stopped.called
+    held.callback(fetched(P2))
+    assert result_of(stopped) is None
+    assert w.clock.getDelayedCalls() == []
+
+
+def test_stop_writes_last_used_times_back() -> None:
+    w = make_world(recheck_interval=NEVER)
+    w.start()
+    publish(w, P1)
+    w.answer()
+    w.at(100)
+    w.answer()
+    result_of(w.stop())
+    stored = w.store.stored(DOMAIN)
+    assert stored is not None and stored.last_used == T0 + 100
+
+
+# --- refresh(), flush(), traces, stats ------------------------------------------------
+
+
+def test_refresh_fetches_now_and_records_a_trace(world: World) -> None:
+    publish(world, P1)
+    world.answer()
+    world.https.set_policy(DOMAIN, P2)
+    resolution = result_of(run(world.lookup.refresh(DOMAIN)))
+    assert isinstance(resolution, Resolution)
+    assert resolution.entry.policy == P2
+    assert world.lookup.answer_now(DOMAIN, False) == OK2
+    trace = world.lookup.last_trace(DOMAIN)
+    assert trace and trace[-1].startswith("result: ")
+    assert world.lookup.last_trace("unknown.example") == ()
+
+
+def test_flush_forgets_memory_and_store(world: World) -> None:
+    publish(world, P1)
+    publish(world, P2, domain="other.example")
+    world.answer()
+    world.answer("other.example")
+    assert result_of(run(world.lookup.flush(DOMAIN))) == 1
+    assert world.store.stored(DOMAIN) is None
+    assert world.lookup.answer_now(DOMAIN, False) is None
+    assert world.answer() == OK1
+    assert world.dns.calls[DOMAIN] == 2
+    assert result_of(run(world.lookup.flush(None))) == 2
+    assert world.store.stored("other.example") is None
+
+
+def test_stats_count_hits_misses_dns_and_fetches(world: World) -> None:
+    publish(world, P1)
+    world.answer()
+    world.answer()
+    world.answer()
+    stats = world.lookup.stats
+    assert (stats.misses, stats.hits, stats.dns_queries, stats.fetches) == (1, 2, 1, 1)
+    assert stats.snapshot()["answers"] == {"OK": 3}
+
+
+def test_entry_answer_for_each_source() -> None:
+    assert entry_answer(stored_entry(DOMAIN, P1, 0, 0), False) == OK1
+    negative = CacheEntry(DOMAIN, Source.NEGATIVE, expires_at=T0, checked_at=T0)
+    assert entry_answer(negative, True).kind is AnswerKind.NOTFOUND
+    failed = CacheEntry(DOMAIN, Source.FAILED, expires_at=T0, checked_at=T0, failure="boom")
+    assert entry_answer(failed, False) == Answer.notfound("no usable policy: boom")
