@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 
 T = TypeVar("T")
 
@@ -19,7 +19,12 @@ T = TypeVar("T")
 async def from_asyncio(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` as an asyncio Task and wait for it the Twisted way.
 
-    Cancelling the awaiting Deferred (a timeout, a shutdown) cancels the Task.
+    Cancelling the awaiting Deferred (a timeout, a shutdown) cancels the Task;
+    the caller then sees Twisted's ``CancelledError`` (which ``addTimeout``
+    turns into a timeout), not asyncio's, which is a BaseException.
     """
     future: asyncio.Future[T] = asyncio.ensure_future(coro)
-    return await Deferred.fromFuture(future)
+    try:
+        return await Deferred.fromFuture(future)
+    except asyncio.CancelledError:
+        raise CancelledError("the asyncio task was cancelled") from None

@@ -137,6 +137,7 @@ async def test_migrates_an_older_schema_keeping_its_entries(schema: str) -> None
     import psycopg
 
     assert SCHEMA_VERSION >= 2 and len(MIGRATIONS) == SCHEMA_VERSION
+
     async def make_version_1() -> int:
         async with await psycopg.AsyncConnection.connect(POSTGRESQL_DSN, autocommit=True) as conn:
             return await migrate(conn, schema, upto=1)
@@ -211,9 +212,7 @@ async def test_entries_are_queryable_json(schema: str) -> None:
     await store.open()
     try:
         await store.put(fetched("example.com", policy_id="abc"))
-        rows = sql(
-            f"SELECT data->>'policy_id', data->'policy'->'mx'->>0 FROM \"{schema}\".entries"
-        )
+        rows = sql(f"SELECT data->>'policy_id', data->'policy'->'mx'->>0 FROM \"{schema}\".entries")
         assert rows == [("abc", "mx1.example.net")]
     finally:
         await store.close()

@@ -179,9 +179,7 @@ async def test_load_repairs_index_of_evicted_keys(prefix: str) -> None:
     store = RedisStore(REDIS_URL, key_prefix=prefix, clock=lambda: NOW)
     await store.open()
     try:
-        await store.put_many(
-            [fetched(f"d{i}.example", last_used=NOW + i) for i in range(5)]
-        )
+        await store.put_many([fetched(f"d{i}.example", last_used=NOW + i) for i in range(5)])
         client = sync_client()
         client.delete(f"{prefix}entry:d4.example", f"{prefix}entry:d2.example")
         loaded = await store.load(3)

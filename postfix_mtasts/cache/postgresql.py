@@ -87,9 +87,7 @@ async def migrate(conn: psycopg.AsyncConnection[Any], schema: str, upto: int = S
     at once migrate one after the other. Returns the version found before.
     """
     async with conn.transaction():
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"postfix-mtasts schema {schema}",)
-        )
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"postfix-mtasts schema {schema}",))
         await conn.execute(_sql("CREATE SCHEMA IF NOT EXISTS {schema}", schema))
         await conn.execute(
             _sql(
@@ -231,9 +229,7 @@ class PostgresqlStore:
         try:
             return await from_asyncio(asyncio.wait_for(attempt(), bound))
         except TimeoutError:
-            raise StoreUnavailable(
-                f"postgresql {self.where}: {what} timed out after {bound:g}s"
-            ) from None
+            raise StoreUnavailable(f"postgresql {self.where}: {what} timed out after {bound:g}s") from None
         except StoreUnavailable:
             raise
         except (psycopg.Error, OSError) as e:
@@ -267,9 +263,7 @@ class PostgresqlStore:
 
         async def operation(conn: psycopg.AsyncConnection[Any]) -> list[CacheEntry]:
             cursor = await conn.execute(
-                self._table(
-                    "SELECT data::text FROM {schema}.entries ORDER BY last_used DESC LIMIT %s"
-                ),
+                self._table("SELECT data::text FROM {schema}.entries ORDER BY last_used DESC LIMIT %s"),
                 (limit,),
             )
             rows = await cursor.fetchall()
@@ -339,9 +333,7 @@ class PostgresqlStore:
                     self._table("DELETE FROM {schema}.entries WHERE expires_at <= %s"), (now,)
                 )
                 removed = cursor.rowcount
-                await conn.execute(
-                    self._table(f"DELETE FROM {{schema}}.leases WHERE expires_at < {_DB_NOW}")
-                )
+                await conn.execute(self._table(f"DELETE FROM {{schema}}.leases WHERE expires_at < {_DB_NOW}"))
             return max(0, removed)
 
         return await self._run("prune", operation)

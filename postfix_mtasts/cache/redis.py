@@ -262,9 +262,7 @@ class RedisStore:
             found: list[CacheEntry] = []
             start = 0
             while len(found) < limit:
-                domains: list[str] = await client.zrevrange(
-                    self._used_key, start, start + BATCH_SIZE - 1
-                )
+                domains: list[str] = await client.zrevrange(self._used_key, start, start + BATCH_SIZE - 1)
                 if not domains:
                     break
                 start += len(domains)
