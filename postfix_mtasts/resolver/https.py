@@ -1,0 +1,621 @@
+"""Fetching the MTA-STS policy file over validated HTTPS (RFC 8461 §3.3).
+
+One fetch is one GET of ``https://mta-sts.<domain>/.well-known/mta-sts.txt``:
+the name is resolved by the daemon's own resolver, the certificate must chain
+to the trust root and name the host (SAN only, via service_identity), TLS 1.2
+or later, no redirects, status 200, ``text/plain``, no content coding, a
+capped body, and one deadline for all of it. Every outcome is a value
+(:class:`FetchOK` or :class:`FetchFailed`) with a trace of what happened.
+
+The HTTP client is Twisted's ``Agent`` rather than ``treq.HTTPClient``:
+treq always wraps its agent in a gzip ``ContentDecoderAgent``, which would
+send ``Accept-Encoding: gzip`` and silently decode the answer, and RFC 8461
+policy hosts are to be asked for the plain file only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Any
+from typing import Protocol as TypingProtocol
+
+import idna
+from cryptography import x509
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import verify_certificate_hostname
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTCP,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from zope.interface import implementer
+
+from postfix_mtasts import __version__, limits
+from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
+from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchResult
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+#: Label prepended to the policy domain to name the policy host (RFC 8461 §3.3).
+POLICY_HOST_PREFIX = "mta-sts."
+#: Path of the policy file on the policy host (RFC 8461 §3.3).
+POLICY_PATH = "/.well-known/mta-sts.txt"
+#: The only media type a policy may be served as (RFC 8461 §3.2).
+POLICY_MEDIA_TYPE = "text/plain"
+#: Seconds one TCP connection attempt to one address may take before the next
+#: address is tried; the whole fetch is still bounded by its own deadline.
+CONNECT_ATTEMPT_TIMEOUT = 10.0
+#: The lowest TLS version a policy host may use (RFC 8461 §3.3 asks for TLS 1.2+).
+MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
+#: How we introduce ourselves to policy hosts.
+USER_AGENT = f"postfix-mtasts/{__version__}"
+#: HTTP status codes that announce a redirect.
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+#: Content codings that mean "no coding at all".
+IDENTITY_CODINGS = frozenset({"", "identity"})
+#: The stage from TCP connect to response headers (see _Attempt.current_stage).
+AWAITING_RESPONSE = "awaiting the response"
+#: Longest piece of a header value quoted in a reason.
+QUOTE_LIMIT = 120
+
+#: Pieces of OpenSSL reasons that mean the peer offered no TLS version we accept.
+VERSION_MISMATCH_HINTS = ("protocol version", "unsupported protocol", "no protocols available")
+
+#: OpenSSL's X509_V_ERR_* codes, in words that tell an operator what is wrong.
+VERIFY_ERRORS: dict[int, str] = {
+    2: "certificate issuer is not trusted (issuer certificate not found)",
+    4: "certificate signature cannot be decrypted",
+    7: "certificate signature is invalid",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    13: "certificate has a malformed notBefore date",
+    14: "certificate has a malformed notAfter date",
+    18: "certificate is self-signed",
+    19: "certificate chain ends in an untrusted self-signed root",
+    20: "certificate issuer is not trusted",
+    21: "certificate issuer is not trusted (cannot verify the first certificate)",
+    22: "certificate chain is too long",
+    23: "certificate has been revoked",
+    24: "certificate chain contains an invalid CA certificate",
+    26: "certificate is not valid for TLS server use",
+    27: "certificate root is not trusted for this purpose",
+    28: "certificate root rejects this purpose",
+    29: "certificate subject and issuer do not match",
+}
+
+
+class AddressResolver(TypingProtocol):
+    """Resolves a host name to IP address strings with the daemon's own DNS."""
+
+    async def addresses(self, host: str) -> list[str]:
+        """Return the addresses of ``host``; raise with a one-line str when it has none."""
+        ...
+
+
+class CaFileError(ValueError):
+    """The configured CA file cannot be read or holds no certificate."""
+
+
+class _FetchError(Exception):
+    """An expected fetch failure: ``str()`` is the one-line reason."""
+
+    def __init__(self, reason: str, category: str = FailureCategory.FETCH) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.category = category
+
+
+def load_trust_root(ca_file: str) -> IOpenSSLTrustRoot:
+    """The platform's trust store when ``ca_file`` is empty, else the PEM certificates in it."""
+    if not ca_file:
+        return platformTrust()
+    try:
+        with open(ca_file, "rb") as pem:
+            data = pem.read()
+    except OSError as error:
+        raise CaFileError(f"cannot read CA file {ca_file}: {error.strerror}") from None
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CaFileError(f"CA file {ca_file} holds no PEM certificate") from None
+    return trustRootFromCertificates(
+        [Certificate(X509.from_cryptography(certificate)) for certificate in certificates]
+    )
+
+
+class HttpsPolicyFetcher:
+    """Fetches and parses policy files; implements :class:`resolver.PolicyFetcher`.
+
+    Each fetch uses its own connection (no pooling: a policy is fetched at most
+    daily per domain), which is closed before :meth:`fetch` returns.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        addresses: AddressResolver,
+        *,
+        ca_file: str = "",
+        timeout: float = limits.FETCH_TIMEOUT,
+        port: int = 443,
+        body_limit: int = limits.POLICY_BODY_LIMIT,
+    ) -> None:
+        self._reactor = reactor
+        self._addresses = addresses
+        # One context for every fetch: the trust store is loaded once; what
+        # differs per connection (SNI, verify callback) is set per connection.
+        self._tls_options = CertificateOptions(
+            trustRoot=load_trust_root(ca_file), raiseMinimumTo=MINIMUM_TLS_VERSION
+        )
+        self._timeout = timeout
+        self._port = port
+        self._body_limit = body_limit
+
+    async def fetch(self, domain: str) -> FetchResult:
+        """Fetch the policy of ``domain``; never raises for network, TLS, HTTP or policy problems."""
+        attempt = _Attempt(self._reactor, self._addresses, self._port)
+        try:
+            attempt.host = policy_host(domain)
+        except _FetchError as failure:
+            return FetchFailed(failure.reason, failure.category, attempt.finish(failure.reason))
+
+        work = Deferred.fromCoroutine(self._fetch(attempt))
+        work.addTimeout(self._timeout, self._reactor, onTimeoutCancel=attempt.deadline_passed)
+        try:
+            return await work
+        except _FetchError as failure:
+            return FetchFailed(failure.reason, failure.category, attempt.finish(failure.reason))
+        except Exception as unexpected:
+            reason, category = attempt.classify(unexpected)
+            return FetchFailed(reason, category, attempt.finish(reason))
+        finally:
+            await attempt.close()
+
+    async def _fetch(self, attempt: _Attempt) -> FetchOK:
+        """The fetch proper, without the deadline: raises :class:`_FetchError` on failure."""
+        tls = _PolicyHostTLS(self._tls_options, attempt)
+        agent = Agent.usingEndpointFactory(
+            self._reactor,
+            _PolicyHostEndpointFactory(attempt, tls),
+            pool=HTTPConnectionPool(self._reactor, persistent=False),
+        )
+        url = f"https://{attempt.host}{'' if self._port == 443 else f':{self._port}'}{POLICY_PATH}"
+        attempt.step(f"GET {url}")
+        response: IResponse = await agent.request(
+            b"GET", url.encode("ascii"), Headers({b"User-Agent": [USER_AGENT.encode("ascii")]})
+        )
+        attempt.note_tls_success()
+        attempt.step(f"HTTP {response.code} {_text(response.phrase)}")
+        self._check_response(response, attempt)
+
+        attempt.stage = "reading the body"
+        body = await _read_body(response, self._body_limit, attempt)
+        attempt.step(f"body {len(body)} bytes")
+        try:
+            policy = parse_policy(body)
+        except PolicyError as invalid:
+            raise _FetchError(f"invalid policy: {invalid}", FailureCategory.INVALID) from None
+        attempt.step(
+            f"policy valid: mode {policy.mode.value}, max_age {policy.max_age}, "
+            f"mx {' '.join(policy.mx) or '(none)'}"
+        )
+        return FetchOK(policy, body.decode("utf-8", "replace"), tuple(attempt.trace))
+
+    def _check_response(self, response: IResponse, attempt: _Attempt) -> None:
+        """Reject anything but a 200 ``text/plain`` response without content coding."""
+        headers = response.headers
+        if response.code in REDIRECT_STATUSES:
+            location = headers.getRawHeaders(b"Location")
+            target = f"to {_quote(_text(location[0]))}" if location else "without a Location"
+            raise _FetchError(f"HTTP {response.code} redirect {target} (not followed)")
+        if response.code != 200:
+            raise _FetchError(f"HTTP {response.code} {_quote(_text(response.phrase))}, not 200")
+
+        content_types = headers.getRawHeaders(b"Content-Type") or []
+        if len(content_types) != 1:
+            raise _FetchError(
+                f"{len(content_types) or 'no'} Content-Type headers, not one saying {POLICY_MEDIA_TYPE}"
+            )
+        content_type = _text(content_types[0])
+        attempt.step(f"Content-Type {_quote(content_type)}")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != POLICY_MEDIA_TYPE:
+            raise _FetchError(f"media type {_quote(media_type)}, not {POLICY_MEDIA_TYPE}")
+
+        codings = [
+            coding.strip().lower()
+            for value in headers.getRawHeaders(b"Content-Encoding") or []
+            for coding in _text(value).split(",")
+        ]
+        unexpected = [coding for coding in codings if coding not in IDENTITY_CODINGS]
+        if unexpected:
+            raise _FetchError(f"content coding {_quote(', '.join(unexpected))} refused (none was asked for)")
+
+        length = response.length
+        if isinstance(length, int):
+            attempt.step(f"Content-Length {length}")
+            if length > self._body_limit:
+                raise _FetchError(f"policy body over {self._body_limit} bytes (Content-Length {length})")
+
+
+def policy_host(domain: str) -> str:
+    """The policy host of ``domain`` as an A-label name, e.g. ``mta-sts.example.com``."""
+    name = domain.strip().rstrip(".")
+    if not name:
+        raise _FetchError("empty domain name")
+    try:
+        ascii_name = idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as error:
+        raise _FetchError(f"domain {_quote(name)} is not a valid name: {error}") from None
+    return POLICY_HOST_PREFIX + ascii_name.lower()
+
+
+class _Attempt:
+    """What one fetch knows about itself: trace, TLS observations and its connection."""
+
+    def __init__(self, reactor: Any, addresses: AddressResolver, port: int) -> None:
+        self.reactor = reactor
+        self.addresses = addresses
+        self.port = port
+        self.host = ""
+        self.trace: list[str] = []
+        self.stage = "resolving the policy host"
+        self.peer = ""
+        self.tls_connection: SSL.Connection | None = None
+        #: Why certificate validation failed, in the order found.
+        self.certificate_problems: list[str] = []
+        self.certificate: x509.Certificate | None = None
+        self.connection: _TrackedConnection | None = None
+
+    def step(self, text: str) -> None:
+        self.trace.append(text)
+
+    def finish(self, reason: str) -> tuple[str, ...]:
+        """The trace, ended by the failure."""
+        self.trace.append(f"failed: {reason}")
+        return tuple(self.trace)
+
+    def deadline_passed(self, result: object, timeout: float) -> Failure:
+        """``addTimeout``'s verdict when the deadline cancelled the fetch, whatever it was doing."""
+        return Failure(_FetchError(f"no answer within {timeout}s (while {self.current_stage()})"))
+
+    def current_stage(self) -> str:
+        """What the fetch is waiting for, in words."""
+        if self.stage != AWAITING_RESPONSE:
+            return self.stage
+        connection = self.tls_connection
+        if connection is None or connection.get_peer_finished() is None:
+            return f"in the TLS handshake with {self.peer}"
+        return f"waiting for the response headers from {self.peer}"
+
+    def note_tls_success(self) -> None:
+        """Record the negotiated TLS version and the validated certificate."""
+        connection = self.tls_connection
+        if connection is None:
+            return
+        self.step(f"TLS {connection.get_protocol_version_name()}, {connection.get_cipher_name()}")
+        self._note_certificate()
+        self.step(f"certificate valid for {self.host}")
+
+    def _note_certificate(self) -> None:
+        if self.certificate is None and self.tls_connection is not None:
+            self.certificate = self.tls_connection.get_peer_certificate(as_cryptography=True)
+        if self.certificate is not None:
+            self.step(describe_certificate(self.certificate))
+
+    def classify(self, problem: BaseException) -> tuple[str, str]:
+        """A one-line reason and a TLSRPT category for an exception out of the HTTP client."""
+        causes = _causes(problem)
+        where = self.peer or self.host
+        if self.certificate_problems:
+            self._note_certificate()
+            return "; ".join(self.certificate_problems), FailureCategory.WEBPKI
+        for cause in causes:
+            if isinstance(cause, SSL.Error):
+                reason = _ssl_reason(cause)
+                if any(hint in reason for hint in VERSION_MISMATCH_HINTS):
+                    reason += " (TLS 1.2 or later required)"
+                return f"TLS handshake with {where} failed: {reason}", FailureCategory.FETCH
+        for cause in causes:
+            if isinstance(cause, neterror.ConnectionDone | neterror.ConnectionLost):
+                return f"connection closed by {where} before a complete response", FailureCategory.FETCH
+        detail = "; ".join(_one_line(cause) for cause in causes[1:]) or _one_line(problem)
+        return f"fetch from {where} failed: {detail}", FailureCategory.FETCH
+
+    def abort(self) -> None:
+        """Drop the connection at once (TCP level), if there is one."""
+        if self.connection is not None:
+            self.connection.abort()
+
+    async def close(self) -> None:
+        """Make sure the connection is gone before the fetch returns."""
+        connection = self.connection
+        if connection is not None:
+            connection.abort()
+            await connection.closed()
+
+
+def describe_certificate(certificate: x509.Certificate) -> str:
+    """One trace line: subject, SAN DNS names, issuer and notAfter of a certificate."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        san = ", ".join(names.value.get_values_for_type(x509.DNSName)) or "(no DNS names)"
+    except x509.ExtensionNotFound:
+        san = "(none)"
+    return (
+        f"certificate subject {certificate.subject.rfc4514_string() or '(empty)'}, SAN {san}, "
+        f"issuer {certificate.issuer.rfc4514_string() or '(empty)'}, "
+        f"notAfter {certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+    )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PolicyHostTLS:
+    """TLS to the policy host: SNI, chain to the trust root, a SAN naming the host.
+
+    Twisted's ``optionsForClientTLS`` does the same checks but keeps their
+    outcome to itself; this one records every problem on the attempt so the
+    failure can name it (expired, untrusted, wrong name) rather than just
+    "certificate verify failed".
+    """
+
+    def __init__(self, options: CertificateOptions, attempt: _Attempt) -> None:
+        self._options = options
+        self._attempt = attempt
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_tlsext_host_name(self._attempt.host.encode("ascii"))
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        self._attempt.tls_connection = connection
+        return connection
+
+    def _verify(self, connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int) -> bool:
+        """OpenSSL's verify callback: keep its chain verdict, add the name check at the leaf."""
+        attempt = self._attempt
+        try:
+            if depth == 0:
+                attempt.certificate = certificate.to_cryptography()
+            if not ok:
+                problem = VERIFY_ERRORS.get(error, f"certificate not accepted (OpenSSL verify error {error})")
+                attempt.certificate_problems.append(problem + (f" (chain depth {depth})" if depth else ""))
+                return False
+            if depth != 0:
+                return True
+            try:
+                verify_certificate_hostname(certificate.to_cryptography(), attempt.host)
+            except (VerificationError, CertificateError):
+                attempt.certificate_problems.append(f"certificate not valid for {attempt.host}")
+                return False
+            return True
+        except Exception as unexpected:
+            attempt.certificate_problems.append(f"certificate check failed: {_one_line(unexpected)}")
+            return False
+
+
+@implementer(IAgentEndpointFactory)
+class _PolicyHostEndpointFactory:
+    """Gives the Agent our endpoint for the one URI it will ever ask about."""
+
+    def __init__(self, attempt: _Attempt, tls: IOpenSSLClientConnectionCreator) -> None:
+        self._attempt = attempt
+        self._tls = tls
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return _PolicyHostEndpoint(self._attempt, self._tls)
+
+
+@implementer(IStreamClientEndpoint)
+class _PolicyHostEndpoint:
+    """Resolves the policy host with the daemon's resolver, then TCP to each address in turn, then TLS."""
+
+    def __init__(self, attempt: _Attempt, tls: IOpenSSLClientConnectionCreator) -> None:
+        self._attempt = attempt
+        self._tls = tls
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        return Deferred.fromCoroutine(self._connect(protocolFactory))
+
+    async def _connect(self, protocolFactory: IProtocolFactory) -> IProtocol:
+        attempt = self._attempt
+        host = attempt.host
+        attempt.stage = f"resolving {host}"
+        try:
+            found = await attempt.addresses.addresses(host)
+        except CancelledError:
+            raise
+        except Exception as error:
+            raise _FetchError(f"cannot resolve {host}: {_one_line(error)}") from None
+        addresses = [address for address in found if _is_ip(address)]
+        if not addresses:
+            raise _FetchError(f"{host} has no usable address")
+        attempt.step(f"resolved {host}: {' '.join(addresses)}")
+
+        tls_factory = TLSMemoryBIOFactory(self._tls, True, protocolFactory)
+        problems: list[str] = []
+        for address in addresses:
+            peer = f"[{address}]:{attempt.port}" if ":" in address else f"{address}:{attempt.port}"
+            attempt.stage = f"connecting to {peer}"
+            endpoint = _tcp_endpoint(attempt.reactor, address, attempt.port)
+            tracker = _TrackingFactory(tls_factory, attempt)
+            try:
+                tracked: _TrackedConnection = await endpoint.connect(tracker)
+            except neterror.ConnectError as error:
+                problem = _connect_problem(error, peer)
+                attempt.step(problem)
+                problems.append(problem)
+                continue
+            attempt.peer = peer
+            attempt.step(f"connected to {peer}")
+            attempt.stage = AWAITING_RESPONSE
+            tls_protocol = tracked.wrappedProtocol
+            assert isinstance(tls_protocol, TLSMemoryBIOProtocol)
+            http_protocol: IProtocol = tls_protocol.wrappedProtocol
+            return http_protocol
+        raise _FetchError("; ".join(problems))
+
+
+class _TrackedConnection(ProtocolWrapper):
+    """The TCP connection under TLS, so the fetch can abort it and wait until it is gone."""
+
+    factory: _TrackingFactory
+
+    def __init__(self, factory: WrappingFactory, wrappedProtocol: IProtocol) -> None:
+        super().__init__(factory, wrappedProtocol)
+        self._lost = False
+        self._waiting: list[Deferred[None]] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.attempt.connection = self
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        waiting, self._waiting = self._waiting, []
+        try:
+            super().connectionLost(reason)
+        finally:
+            for waiter in waiting:
+                waiter.callback(None)
+
+    def abort(self) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.abortConnection()
+
+    def closed(self) -> Deferred[None]:
+        """Fires once the TCP connection is closed (at once if it already is)."""
+        waiter: Deferred[None] = Deferred()
+        if self._lost:
+            waiter.callback(None)
+        else:
+            self._waiting.append(waiter)
+        return waiter
+
+
+class _TrackingFactory(WrappingFactory):
+    """Builds :class:`_TrackedConnection` around the TLS protocol of one fetch."""
+
+    protocol = _TrackedConnection
+
+    def __init__(self, wrappedFactory: Factory, attempt: _Attempt) -> None:
+        super().__init__(wrappedFactory)
+        self.attempt = attempt
+
+
+class _BodyReader(Protocol):
+    """Collects a response body up to ``limit`` bytes and aborts the connection beyond it."""
+
+    def __init__(self, limit: int, attempt: _Attempt) -> None:
+        self._limit = limit
+        self._attempt = attempt
+        self._chunks: list[bytes] = []
+        self._received = 0
+        self.done: Deferred[bytes] = Deferred(lambda _: attempt.abort())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._chunks.clear()
+            self._attempt.abort()
+            self.done.errback(_FetchError(f"policy body over {self._limit} bytes"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        # PotentialDataLoss: no Content-Length and no chunking, the body ended
+        # with the connection, which HTTP/1.1 allows.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(
+                _FetchError(f"connection to {self._attempt.peer} lost after {self._received} body bytes")
+            )
+
+
+async def _read_body(response: IResponse, limit: int, attempt: _Attempt) -> bytes:
+    reader = _BodyReader(limit, attempt)
+    response.deliverBody(reader)
+    return await reader.done
+
+
+def _tcp_endpoint(reactor: IReactorTCP, address: str, port: int) -> IStreamClientEndpoint:
+    if ":" in address:
+        return TCP6ClientEndpoint(reactor, address, port, timeout=CONNECT_ATTEMPT_TIMEOUT)
+    return TCP4ClientEndpoint(reactor, address, port, timeout=CONNECT_ATTEMPT_TIMEOUT)
+
+
+def _connect_problem(error: neterror.ConnectError, peer: str) -> str:
+    if isinstance(error, neterror.ConnectionRefusedError):
+        return f"connection refused by {peer}"
+    if isinstance(error, neterror.TimeoutError):
+        return f"no TCP connection to {peer} within {CONNECT_ATTEMPT_TIMEOUT}s"
+    return f"cannot connect to {peer}: {_one_line(error)}"
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _causes(problem: BaseException) -> list[BaseException]:
+    """The exceptions inside Twisted's ResponseFailed / ResponseNeverReceived wrappers."""
+    found: list[BaseException] = []
+    pending: list[BaseException] = [problem]
+    while pending:
+        current = pending.pop(0)
+        found.append(current)
+        for reason in getattr(current, "reasons", None) or []:
+            if isinstance(reason, Failure):
+                pending.append(reason.value)
+    return found
+
+
+def _ssl_reason(error: SSL.Error) -> str:
+    queue = error.args[0] if error.args else None
+    if isinstance(queue, list) and queue:
+        return "; ".join(str(entry[-1]) for entry in queue if entry)
+    return _one_line(error) or "unexpected end of the TLS stream"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _text(value: bytes) -> str:
+    return value.decode("latin-1")
+
+
+def _quote(text: str) -> str:
+    shown = text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
+    return "".join(char if char.isprintable() else "?" for char in shown)

@@ -1,0 +1,509 @@
+"""Integration tests of the HTTPS policy fetcher against a hostile policy host on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from postfix_mtasts.policy.model import Mode, Policy
+from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
+from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchResult
+from postfix_mtasts.resolver.https import CaFileError, HttpsPolicyFetcher, policy_host
+from tests.support.https_server import (
+    LEGACY_CIPHERS,
+    CertKind,
+    Drip,
+    Hang,
+    HostileHttpsServer,
+    ListenerMode,
+    Oversized,
+    Redirect,
+    Serve,
+)
+
+pytestmark = pytest.mark.integration
+
+DOMAIN = "example.com"
+HOST = "mta-sts.example.com"
+POLICY = b"version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.backup.example.com\nmax_age: 86400\n"
+EXPECTED = Policy(Mode.ENFORCE, 86400, ("mail.example.com", "*.backup.example.com"))
+#: A short deadline so that the slow cases end quickly; tests assert the failure, not the time.
+SHORT_DEADLINE = 1.0
+
+
+def reactor() -> Any:
+    from twisted.internet import reactor as installed
+
+    return installed
+
+
+def leftover_timers() -> list[Any]:
+    """Pending reactor calls, but for pytest-twisted's own (it runs fixtures through one)."""
+    return [
+        call
+        for call in reactor().getDelayedCalls()
+        if not getattr(call.func, "__module__", "").startswith("pytest_twisted")
+    ]
+
+
+class LoopbackResolver:
+    """Maps every name to 127.0.0.1, except the names it is told do not exist."""
+
+    def __init__(self, missing: tuple[str, ...] = ()) -> None:
+        self.missing = missing
+        self.asked: list[str] = []
+
+    async def addresses(self, host: str) -> list[str]:
+        self.asked.append(host)
+        if host in self.missing:
+            raise LookupError(f"{host}: no such name (NXDOMAIN)")
+        return ["127.0.0.1"]
+
+
+@pytest_twisted.async_yield_fixture
+async def server() -> AsyncIterator[HostileHttpsServer]:
+    started = HostileHttpsServer()
+    await started.start(reactor())
+    yield started
+    await started.stop()
+    assert started.open_connections == 0
+    # Nothing of the fetcher's or the server's may outlive the test (trial's "dirty reactor").
+    assert leftover_timers() == []
+
+
+def fetcher_for(
+    server: HostileHttpsServer, resolver: LoopbackResolver | None = None, **options: Any
+) -> HttpsPolicyFetcher:
+    return HttpsPolicyFetcher(
+        reactor(), resolver or LoopbackResolver(), ca_file=server.ca_file, port=server.port, **options
+    )
+
+
+async def fetch_failed(fetcher: HttpsPolicyFetcher, domain: str = DOMAIN) -> FetchFailed:
+    result: FetchResult = await fetcher.fetch(domain)
+    assert isinstance(result, FetchFailed), result
+    assert "\n" not in result.reason
+    assert result.trace and result.trace[-1] == f"failed: {result.reason}"
+    return result
+
+
+# --- success ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_good_policy_is_fetched_parsed_and_traced(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Serve(POLICY))
+    resolver = LoopbackResolver()
+
+    result = await fetcher_for(server, resolver).fetch(DOMAIN)
+
+    assert isinstance(result, FetchOK), result
+    assert result.policy == EXPECTED
+    assert result.text == POLICY.decode()
+    assert resolver.asked == [HOST]
+    assert server.requests[HOST] == 1
+    assert server.state(HOST).paths == ["/.well-known/mta-sts.txt"]
+    assert server.sni_names == [HOST]
+    trace = "\n".join(result.trace)
+    for expected in (
+        "resolved mta-sts.example.com: 127.0.0.1",
+        f"connected to 127.0.0.1:{server.port}",
+        "TLSv1.",
+        "SAN mta-sts.example.com",
+        "notAfter",
+        "certificate valid for mta-sts.example.com",
+        "HTTP 200 OK",
+        "Content-Type 'text/plain'" if False else "Content-Type text/plain",
+        f"body {len(POLICY)} bytes",
+        "policy valid: mode enforce",
+    ):
+        assert expected in trace, (expected, result.trace)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_accept_encoding_is_sent(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Serve(POLICY))
+
+    assert isinstance(await fetcher_for(server).fetch(DOMAIN), FetchOK)
+
+    (headers,) = server.state(HOST).request_headers
+    assert "accept-encoding" not in headers
+    assert headers["host"] == [f"{HOST}:{server.port}"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_domain_is_normalised_to_the_policy_host(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Serve(POLICY))
+
+    result = await fetcher_for(server).fetch("Example.COM.")
+
+    assert isinstance(result, FetchOK), result
+    assert server.sni_names == [HOST]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain; charset=utf-8", 'Text/Plain;charset="UTF-8"', "TEXT/PLAIN"]
+)
+@pytest_twisted.ensureDeferred
+async def test_text_plain_with_parameters_and_any_case_is_accepted(
+    server: HostileHttpsServer, content_type: str
+) -> None:
+    server.set_host(HOST, Serve(POLICY, content_type=content_type))
+
+    result = await fetcher_for(server).fetch(DOMAIN)
+
+    assert isinstance(result, FetchOK), result
+    assert result.policy == EXPECTED
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_content_encoding_is_accepted(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Serve(POLICY, headers=(("Content-Encoding", "identity"),)))
+
+    assert isinstance(await fetcher_for(server).fetch(DOMAIN), FetchOK)
+
+
+# --- HTTP-level failures -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("serve", "expected"),
+    [
+        (Serve(POLICY, content_type="text/html"), "media type text/html, not text/plain"),
+        (Serve(POLICY, content_type="text/plainish"), "media type text/plainish, not text/plain"),
+        (Serve(POLICY, content_type=None), "no Content-Type headers"),
+        (Serve(POLICY, status=404), "HTTP 404 Not Found, not 200"),
+        (Serve(POLICY, status=500), "HTTP 500"),
+        (Serve(POLICY, status=204), "HTTP 204"),
+        (
+            Serve(gzip.compress(POLICY), headers=(("Content-Encoding", "gzip"),)),
+            "content coding gzip refused",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_http_answers_are_fetch_errors(
+    server: HostileHttpsServer, serve: Serve, expected: str
+) -> None:
+    server.set_host(HOST, serve)
+
+    failed = await fetch_failed(fetcher_for(server))
+
+    assert failed.category == FailureCategory.FETCH
+    assert expected in failed.reason, failed.reason
+    assert server.requests[HOST] == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest_twisted.ensureDeferred
+async def test_redirect_is_not_followed(server: HostileHttpsServer, status: int) -> None:
+    target = "https://mta-sts.elsewhere.example/.well-known/mta-sts.txt"
+    server.set_host(HOST, Redirect(target, status=status))
+    server.set_host("mta-sts.elsewhere.example", Serve(POLICY))
+
+    failed = await fetch_failed(fetcher_for(server))
+
+    assert failed.category == FailureCategory.FETCH
+    assert f"HTTP {status} redirect to {target} (not followed)" in failed.reason
+    assert server.requests[HOST] == 1
+    assert server.requests["mta-sts.elsewhere.example"] == 0
+    assert server.connections_accepted == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_policy_is_invalid_with_the_parsers_reason(server: HostileHttpsServer) -> None:
+    body = b"version: STSv1\nmode: sometimes\nmx: mail.example.com\nmax_age: 86400\n"
+    with pytest.raises(PolicyError) as parsed:
+        parse_policy(body)
+    server.set_host(HOST, Serve(body))
+
+    failed = await fetch_failed(fetcher_for(server))
+
+    assert failed.category == FailureCategory.INVALID
+    assert str(parsed.value) in failed.reason
+    assert any("body" in step for step in failed.trace)
+
+
+# --- certificates ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (CertKind.WRONG_NAME, "certificate not valid for mta-sts.example.com"),
+        (CertKind.CN_ONLY, "certificate not valid for mta-sts.example.com"),
+        (CertKind.EXPIRED, "certificate has expired"),
+        (CertKind.UNTRUSTED, "certificate issuer is not trusted"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_certificate_problems_are_webpki_errors(
+    server: HostileHttpsServer, kind: CertKind, expected: str
+) -> None:
+    server.set_host(HOST, Serve(POLICY), certificate=kind)
+
+    failed = await fetch_failed(fetcher_for(server))
+
+    assert failed.category == FailureCategory.WEBPKI
+    assert expected in failed.reason, failed.reason
+    assert server.sni_names == [HOST]
+    assert server.requests[HOST] == 0
+    assert any(step.startswith("certificate subject") for step in failed.trace), failed.trace
+
+
+@pytest_twisted.ensureDeferred
+async def test_platform_trust_does_not_trust_the_test_ca(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Serve(POLICY))
+    fetcher = HttpsPolicyFetcher(reactor(), LoopbackResolver(), port=server.port)
+
+    failed = await fetch_failed(fetcher)
+
+    assert failed.category == FailureCategory.WEBPKI
+    assert "not trusted" in failed.reason
+
+
+def test_unreadable_ca_file_is_a_one_line_error(tmp_path: Any) -> None:
+    with pytest.raises(CaFileError, match="cannot read CA file"):
+        HttpsPolicyFetcher(reactor(), LoopbackResolver(), ca_file=str(tmp_path / "missing.pem"))
+    empty = tmp_path / "empty.pem"
+    empty.write_text("not a certificate\n")
+    with pytest.raises(CaFileError, match="holds no PEM certificate"):
+        HttpsPolicyFetcher(reactor(), LoopbackResolver(), ca_file=str(empty))
+
+
+# --- size limits ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_chunked_body_is_cut_off(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Oversized())
+
+    failed = await fetch_failed(fetcher_for(server))
+
+    assert failed.category == FailureCategory.FETCH
+    assert "policy body over 65536 bytes" in failed.reason
+    await server.wait_idle()
+    state = server.state(HOST)
+    assert state.aborted == 1
+    assert state.finished == 0
+    assert state.bytes_sent < Oversized().total
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_declared_length_is_refused_before_reading(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Oversized(declare_length=True))
+
+    failed = await fetch_failed(fetcher_for(server))
+
+    assert f"policy body over 65536 bytes (Content-Length {Oversized().total})" in failed.reason
+    await server.wait_idle()
+    assert server.state(HOST).aborted == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_limit_is_configurable_and_inclusive(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Serve(POLICY))
+
+    exact = await fetcher_for(server, body_limit=len(POLICY)).fetch(DOMAIN)
+    over = await fetch_failed(fetcher_for(server, body_limit=len(POLICY) - 1))
+
+    assert isinstance(exact, FetchOK)
+    assert f"policy body over {len(POLICY) - 1} bytes" in over.reason
+
+
+# --- the one deadline ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_drip_fails_at_the_deadline_and_is_dropped(server: HostileHttpsServer) -> None:
+    # 4 bytes a second: the whole policy would take about 20 s.
+    server.set_host(HOST, Drip(POLICY, interval=0.25))
+
+    failed = await fetch_failed(fetcher_for(server, timeout=SHORT_DEADLINE))
+
+    assert failed.category == FailureCategory.FETCH
+    assert f"no answer within {SHORT_DEADLINE}s (while reading the body)" in failed.reason
+    await server.wait_idle()
+    state = server.state(HOST)
+    assert state.aborted == 1
+    assert 0 < state.bytes_sent < len(POLICY)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hang_after_request_fails_at_the_deadline(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Hang())
+
+    failed = await fetch_failed(fetcher_for(server, timeout=SHORT_DEADLINE))
+
+    assert f"no answer within {SHORT_DEADLINE}s" in failed.reason
+    assert "response headers" in failed.reason
+    await server.wait_idle()
+    assert server.requests[HOST] == 1
+    assert server.state(HOST).aborted == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_resolver_fails_at_the_deadline(server: HostileHttpsServer) -> None:
+    class NeverAnswers:
+        async def addresses(self, host: str) -> list[str]:
+            return await Deferred()
+
+    fetcher = HttpsPolicyFetcher(
+        reactor(), NeverAnswers(), ca_file=server.ca_file, port=server.port, timeout=SHORT_DEADLINE
+    )
+
+    failed = await fetch_failed(fetcher)
+
+    assert f"no answer within {SHORT_DEADLINE}s (while resolving {HOST})" in failed.reason
+    assert server.connections_accepted == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_accept_without_tls_fails_at_the_deadline() -> None:
+    silent = HostileHttpsServer(mode=ListenerMode.TCP_SILENT)
+    await silent.start(reactor())
+    try:
+        failed = await fetch_failed(fetcher_for(silent, timeout=SHORT_DEADLINE))
+        await silent.wait_idle()
+    finally:
+        await silent.stop()
+
+    assert failed.category == FailureCategory.FETCH
+    assert f"no answer within {SHORT_DEADLINE}s" in failed.reason
+    assert silent.connections_accepted == 1
+
+
+# --- transport failures --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_http_instead_of_tls_is_a_handshake_failure() -> None:
+    plain = HostileHttpsServer(mode=ListenerMode.PLAIN_HTTP)
+    await plain.start(reactor())
+    try:
+        failed = await fetch_failed(fetcher_for(plain, timeout=5.0))
+    finally:
+        await plain.stop()
+
+    assert failed.category == FailureCategory.FETCH
+    assert f"TLS handshake with 127.0.0.1:{plain.port} failed" in failed.reason
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _AnyVersionClient:
+    """A client that accepts TLS 1.0 and anything else, to prove what the server speaks."""
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_VERSION)
+        context.set_cipher_list(LEGACY_CIPHERS)
+        connection = SSL.Connection(context, None)
+        connection.set_connect_state()
+        connection.set_tlsext_host_name(HOST.encode())
+        return connection
+
+
+@implementer(IHandshakeListener)
+class _VersionProbe(Protocol):
+    def __init__(self) -> None:
+        self.version: Deferred[str] = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.version.callback(self.transport.getHandle().get_protocol_version_name())
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.version.called:
+            self.version.errback(reason)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_1_1_only_host_is_refused() -> None:
+    legacy = HostileHttpsServer(mode=ListenerMode.TLS_1_1_MAX)
+    await legacy.start(reactor())
+    try:
+        legacy.set_host(HOST, Serve(POLICY))
+        endpoint = wrapClientTLS(_AnyVersionClient(), TCP4ClientEndpoint(reactor(), "127.0.0.1", legacy.port))
+        probe = _VersionProbe()
+        await endpoint.connect(Factory.forProtocol(lambda: probe))
+        spoken = await probe.version
+        await legacy.wait_idle()
+
+        failed = await fetch_failed(fetcher_for(legacy, timeout=5.0))
+    finally:
+        await legacy.stop()
+
+    assert spoken == "TLSv1.1"
+    assert failed.category == FailureCategory.FETCH
+    assert f"TLS handshake with 127.0.0.1:{legacy.port} failed" in failed.reason
+    assert "TLS 1.2 or later required" in failed.reason
+    assert legacy.requests[HOST] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_unresolvable_host_is_a_fetch_error(server: HostileHttpsServer) -> None:
+    resolver = LoopbackResolver(missing=("mta-sts.nowhere.example",))
+
+    failed = await fetch_failed(fetcher_for(server, resolver), "nowhere.example")
+
+    assert failed.category == FailureCategory.FETCH
+    assert "cannot resolve mta-sts.nowhere.example: mta-sts.nowhere.example: no such name" in failed.reason
+    assert server.connections_accepted == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_resolver_without_usable_address_is_a_fetch_error(server: HostileHttpsServer) -> None:
+    class Garbage:
+        async def addresses(self, host: str) -> list[str]:
+            return ["not-an-address"]
+
+    fetcher = HttpsPolicyFetcher(reactor(), Garbage(), ca_file=server.ca_file, port=server.port)
+
+    failed = await fetch_failed(fetcher)
+
+    assert "mta-sts.example.com has no usable address" in failed.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_refused_is_a_fetch_error(server: HostileHttpsServer) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    fetcher = HttpsPolicyFetcher(reactor(), LoopbackResolver(), ca_file=server.ca_file, port=closed_port)
+
+    failed = await fetch_failed(fetcher)
+
+    assert failed.category == FailureCategory.FETCH
+    assert failed.reason == f"connection refused by 127.0.0.1:{closed_port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetches_leave_no_connection_or_timer_behind(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Serve(POLICY))
+    server.set_host("mta-sts.hang.example", Hang())
+    fetcher = fetcher_for(server, timeout=SHORT_DEADLINE)
+
+    ok = await fetcher.fetch(DOMAIN)
+    hung = await fetcher.fetch("hang.example")
+    await server.wait_idle()
+
+    assert isinstance(ok, FetchOK) and isinstance(hung, FetchFailed)
+    assert server.open_connections == 0
+    # The fixture then checks that no timer of the fetcher is left.
+
+
+def test_policy_host_names() -> None:
+    assert policy_host("Example.COM.") == "mta-sts.example.com"
+    assert policy_host("bücher.example") == "mta-sts.xn--bcher-kva.example"
