@@ -10,7 +10,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -304,3 +304,74 @@ def test_sentinel_addresses() -> None:
 def test_sentinel_needs_a_service_name() -> None:
     with pytest.raises(ValueError, match="sentinel_service"):
         RedisStore("redis://", sentinels=["127.0.0.1:26379"])
+
+
+@pytest.fixture
+def sentinel_port(tmp_path: Any) -> Iterator[int]:
+    """A real Redis Sentinel on 127.0.0.1 watching the test Redis as master ``mtasts-test``."""
+    import shutil
+    import subprocess
+
+    import redis
+    from redis.asyncio.connection import parse_url
+
+    require(REDIS_WHAT, redis_reachable())
+    server = shutil.which("redis-server")
+    require("redis-server (to run a Sentinel)", server is not None)
+    assert server is not None
+    target = parse_url(REDIS_URL)
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor {SENTINEL_SERVICE} {target.get('host', '127.0.0.1')} "
+        f"{target.get('port', 6379)} 1\n"
+    )
+    process = subprocess.Popen(
+        [server, str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + EXPIRY_WAIT
+        while True:
+            try:
+                if client.sentinel_master(SENTINEL_SERVICE):
+                    break
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail("redis-server --sentinel did not start")
+            time.sleep(0.05)
+        client.close()
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+SENTINEL_SERVICE = "mtasts-test"
+
+
+@ensure_deferred
+async def test_store_found_through_sentinel(sentinel_port: int, prefix: str) -> None:
+    from redis.asyncio.connection import parse_url
+
+    db = parse_url(REDIS_URL).get("db", 0)
+    store = RedisStore(
+        f"redis:///{db}",
+        key_prefix=prefix,
+        sentinels=[f"127.0.0.1:{sentinel_port}"],
+        sentinel_service=SENTINEL_SERVICE,
+        clock=lambda: NOW,
+    )
+    await store.open()
+    try:
+        assert store.where == f"sentinel {SENTINEL_SERVICE}@127.0.0.1:{sentinel_port}"
+        entry = fetched("via-sentinel.example")
+        await store.put(entry)
+        assert await store.get("via-sentinel.example") == entry
+        client = sync_client()
+        assert client.exists(f"{prefix}entry:via-sentinel.example") == 1
+        client.close()
+    finally:
+        await store.close()
