@@ -87,7 +87,9 @@ class _LookupProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self._pending:
-            self.resetTimeout()  # a lookup is still running; not idle
+            # A lookup is still running; not idle. The timer has fired, so
+            # resetTimeout() would do nothing: arm a new one.
+            self.setTimeout(self.idle_timeout)
             return
         log.debug("%s: closing idle connection after %gs", self.peer, self.idle_timeout)
         self.transport.loseConnection()
