@@ -75,7 +75,11 @@ class MemoryFront:
         domain = entry.domain
         slot = self._slots.get(domain)
         if slot is not None:
-            if slot.entry.policy is not entry.policy or slot.entry.source is not entry.source:
+            old = slot.entry
+            # An answer is made of the source, the policy and (for a FAILED
+            # entry) the failure; any change to these makes it stale.
+            if (old.policy is not entry.policy or old.source is not entry.source
+                    or old.failure != entry.failure):
                 slot.answers = None
             slot.entry = entry
             self._slots.move_to_end(domain)
