@@ -1,0 +1,127 @@
+"""MemoryFront: the bounded LRU before the store, and its precomputed answers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from postfix_mtasts.cache import CacheEntry, Source
+from postfix_mtasts.cache.front import MemoryFront
+from postfix_mtasts.policy.model import Answer, Mode
+from tests.fakes import policy
+
+P1 = policy(Mode.ENFORCE, 1000, "mx1.example.com")
+P2 = policy(Mode.ENFORCE, 1000, "mx2.example.com")
+
+
+def fetched_entry(domain: str, p: object = P1, checked_at: float = 0.0) -> CacheEntry:
+    return CacheEntry(domain, Source.FETCHED, expires_at=1000.0, checked_at=checked_at,
+                      policy_id="1", policy=p, fetched_at=0.0)  # type: ignore[arg-type]
+
+
+def test_front_needs_room_for_one_entry() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        MemoryFront(0)
+
+
+def test_least_recently_used_entry_is_evicted_first() -> None:
+    front = MemoryFront(3)
+    for domain in ("a", "b", "c"):
+        front.put(fetched_entry(domain))
+    assert front.get("a") is not None  # a becomes most recent; b is now oldest
+    front.put(fetched_entry("d"))
+    assert "b" not in front
+    assert [e.domain for e in front.entries()] == ["c", "a", "d"]
+    assert (len(front), front.evictions) == (3, 1)
+
+
+def test_peek_does_not_change_the_order_but_cached_answer_does() -> None:
+    front = MemoryFront(2)
+    front.put(fetched_entry("a"))
+    front.put(fetched_entry("b"))
+    assert front.peek("a") is not None
+    front.put(fetched_entry("c"))
+    assert "a" not in front and "b" in front
+    assert front.cached_answer("b", False) is not None
+    front.put(fetched_entry("d"))
+    assert "c" not in front and "b" in front
+
+
+def test_replacing_an_entry_does_not_evict_and_moves_it_to_the_end() -> None:
+    front = MemoryFront(2)
+    front.put(fetched_entry("a"))
+    front.put(fetched_entry("b"))
+    front.put(fetched_entry("a", checked_at=5.0))
+    assert front.evictions == 0
+    assert [e.domain for e in front.entries()] == ["b", "a"]
+    assert front.peek("a") == fetched_entry("a", checked_at=5.0)
+
+
+def test_bound_holds_under_many_inserts() -> None:
+    front = MemoryFront(100)
+    for i in range(1000):
+        front.put(fetched_entry(f"d{i}"))
+    assert len(front) == 100
+    assert front.evictions == 900
+    assert [e.domain for e in front.entries()] == [f"d{i}" for i in range(900, 1000)]
+
+
+def test_precomputed_answers_are_kept_per_profile() -> None:
+    front = MemoryFront(10)
+    front.put(fetched_entry("a"))
+    assert front.cached_answer("a", False) == (fetched_entry("a"), None)
+    front.remember_answer("a", False, Answer.ok("one"))
+    front.remember_answer("a", True, Answer.ok("two"))
+    assert front.cached_answer("a", False) == (fetched_entry("a"), Answer.ok("one"))
+    assert front.cached_answer("a", True) == (fetched_entry("a"), Answer.ok("two"))
+    front.remember_answer("missing", False, Answer.ok("x"))
+    assert front.cached_answer("missing", False) is None
+
+
+def test_precomputed_answers_survive_a_recheck_that_keeps_the_policy() -> None:
+    front = MemoryFront(10)
+    entry = fetched_entry("a")
+    front.put(entry)
+    front.remember_answer("a", False, Answer.ok("one"))
+    front.put(replace(entry, checked_at=60.0))
+    assert front.cached_answer("a", False) == (replace(entry, checked_at=60.0), Answer.ok("one"))
+
+
+def test_precomputed_answers_are_dropped_when_the_policy_changes() -> None:
+    front = MemoryFront(10)
+    front.put(fetched_entry("a", P1))
+    front.remember_answer("a", False, Answer.ok("one"))
+    front.put(fetched_entry("a", P2))
+    hit = front.cached_answer("a", False)
+    assert hit is not None and hit[1] is None
+
+
+def test_precomputed_answers_are_dropped_when_the_source_changes() -> None:
+    front = MemoryFront(10)
+    front.put(CacheEntry("a", Source.NEGATIVE, expires_at=10.0, checked_at=0.0))
+    front.remember_answer("a", False, Answer.notfound("no policy"))
+    front.put(CacheEntry("a", Source.FAILED, expires_at=10.0, checked_at=0.0, failure="x"))
+    hit = front.cached_answer("a", False)
+    assert hit is not None and hit[1] is None
+
+
+def test_precomputed_answers_are_dropped_when_the_failure_changes() -> None:
+    """A FAILED entry's answer names its failure; a new failure must not show the old one."""
+    front = MemoryFront(10)
+    front.put(CacheEntry("a", Source.FAILED, expires_at=10.0, checked_at=0.0, failure="timeout"))
+    front.remember_answer("a", False, Answer.notfound("no usable policy: timeout"))
+    front.put(CacheEntry("a", Source.FAILED, expires_at=20.0, checked_at=10.0, failure="bad cert"))
+    hit = front.cached_answer("a", False)
+    assert hit is not None and hit[1] is None
+
+
+def test_delete_and_clear() -> None:
+    front = MemoryFront(10)
+    front.put(fetched_entry("a"))
+    front.put(fetched_entry("b"))
+    front.delete("a")
+    front.delete("never-there")
+    assert "a" not in front and len(front) == 1
+    front.clear()
+    assert len(front) == 0 and list(front.entries()) == []
