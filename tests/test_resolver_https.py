@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
@@ -368,6 +368,21 @@ async def test_slow_resolver_fails_at_the_deadline(server: HostileHttpsServer) -
 
     assert f"no answer within {SHORT_DEADLINE}s (while resolving {HOST})" in failed.reason
     assert server.connections_accepted == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_caller_cancelling_a_fetch_closes_its_connection(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Hang())
+    seen = server.next_request()
+    fetching = Deferred.fromCoroutine(fetcher_for(server).fetch(DOMAIN))
+    assert await seen == HOST
+
+    fetching.cancel()
+
+    with pytest.raises(CancelledError):
+        await fetching
+    await server.wait_idle()
+    assert server.state(HOST).aborted == 1
 
 
 @pytest_twisted.ensureDeferred

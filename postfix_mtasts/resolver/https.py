@@ -16,7 +16,7 @@ policy hosts are to be asked for the plain file only.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as TypingProtocol
 
 import idna
@@ -35,7 +35,7 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from postfix_mtasts import __version__, limits
@@ -131,7 +131,8 @@ class _FetchError(Exception):
 def load_trust_root(ca_file: str) -> IOpenSSLTrustRoot:
     """The platform's trust store when ``ca_file`` is empty, else the PEM certificates in it."""
     if not ca_file:
-        return platformTrust()
+        trust: IOpenSSLTrustRoot = platformTrust()  # type: ignore[no-untyped-call]
+        return trust
     try:
         with open(ca_file, "rb") as pem:
             data = pem.read()
@@ -141,9 +142,12 @@ def load_trust_root(ca_file: str) -> IOpenSSLTrustRoot:
         certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CaFileError(f"CA file {ca_file} holds no PEM certificate") from None
-    return trustRootFromCertificates(
-        [Certificate(X509.from_cryptography(certificate)) for certificate in certificates]
-    )
+    roots = [
+        Certificate(X509.from_cryptography(certificate))  # type: ignore[no-untyped-call]
+        for certificate in certificates
+    ]
+    trust_root: IOpenSSLTrustRoot = trustRootFromCertificates(roots)  # type: ignore[no-untyped-call]
+    return trust_root
 
 
 class HttpsPolicyFetcher:
@@ -189,6 +193,9 @@ class HttpsPolicyFetcher:
         except _FetchError as failure:
             return FetchFailed(failure.reason, failure.category, attempt.finish(failure.reason))
         except Exception as unexpected:
+            if any(isinstance(cause, CancelledError) for cause in _causes(unexpected)):
+                # Our own deadline arrives as a _FetchError; this is the caller giving up.
+                raise CancelledError() from None
             reason, category = attempt.classify(unexpected)
             return FetchFailed(reason, category, attempt.finish(reason))
         finally:
@@ -197,14 +204,14 @@ class HttpsPolicyFetcher:
     async def _fetch(self, attempt: _Attempt) -> FetchOK:
         """The fetch proper, without the deadline: raises :class:`_FetchError` on failure."""
         tls = _PolicyHostTLS(self._tls_options, attempt)
-        agent = Agent.usingEndpointFactory(
-            self._reactor,
-            _PolicyHostEndpointFactory(attempt, tls),
-            pool=HTTPConnectionPool(self._reactor, persistent=False),
+        pool = HTTPConnectionPool(self._reactor, persistent=False)  # type: ignore[no-untyped-call]
+        agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+            self._reactor, _PolicyHostEndpointFactory(attempt, tls), pool=pool
         )
         url = f"https://{attempt.host}{'' if self._port == 443 else f':{self._port}'}{POLICY_PATH}"
         attempt.step(f"GET {url}")
-        response: IResponse = await agent.request(
+        # IResponse's attributes are opaque to mypy without the zope plugin.
+        response: Any = await agent.request(
             b"GET", url.encode("ascii"), Headers({b"User-Agent": [USER_AGENT.encode("ascii")]})
         )
         attempt.note_tls_success()
@@ -224,7 +231,7 @@ class HttpsPolicyFetcher:
         )
         return FetchOK(policy, body.decode("utf-8", "replace"), tuple(attempt.trace))
 
-    def _check_response(self, response: IResponse, attempt: _Attempt) -> None:
+    def _check_response(self, response: Any, attempt: _Attempt) -> None:
         """Reject anything but a 200 ``text/plain`` response without content coding."""
         headers = response.headers
         if response.code in REDIRECT_STATUSES:
@@ -300,7 +307,8 @@ class _Attempt:
 
     def deadline_passed(self, result: object, timeout: float) -> Failure:
         """``addTimeout``'s verdict when the deadline cancelled the fetch, whatever it was doing."""
-        return Failure(_FetchError(f"no answer within {timeout}s (while {self.current_stage()})"))
+        timed_out = _FetchError(f"no answer within {timeout}s (while {self.current_stage()})")
+        return Failure(timed_out)  # type: ignore[no-untyped-call]
 
     def current_stage(self) -> str:
         """What the fetch is waiting for, in words."""
@@ -420,11 +428,11 @@ class _PolicyHostTLS:
 class _PolicyHostEndpointFactory:
     """Gives the Agent our endpoint for the one URI it will ever ask about."""
 
-    def __init__(self, attempt: _Attempt, tls: IOpenSSLClientConnectionCreator) -> None:
+    def __init__(self, attempt: _Attempt, tls: _PolicyHostTLS) -> None:
         self._attempt = attempt
         self._tls = tls
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+    def endpointForURI(self, uri: URI) -> _PolicyHostEndpoint:
         return _PolicyHostEndpoint(self._attempt, self._tls)
 
 
@@ -432,7 +440,7 @@ class _PolicyHostEndpointFactory:
 class _PolicyHostEndpoint:
     """Resolves the policy host with the daemon's resolver, then TCP to each address in turn, then TLS."""
 
-    def __init__(self, attempt: _Attempt, tls: IOpenSSLClientConnectionCreator) -> None:
+    def __init__(self, attempt: _Attempt, tls: _PolicyHostTLS) -> None:
         self._attempt = attempt
         self._tls = tls
 
@@ -440,6 +448,7 @@ class _PolicyHostEndpoint:
         return Deferred.fromCoroutine(self._connect(protocolFactory))
 
     async def _connect(self, protocolFactory: IProtocolFactory) -> IProtocol:
+        """Resolve, then connect to the addresses in order; the first TCP connection wins."""
         attempt = self._attempt
         host = attempt.host
         attempt.stage = f"resolving {host}"
@@ -454,7 +463,8 @@ class _PolicyHostEndpoint:
             raise _FetchError(f"{host} has no usable address")
         attempt.step(f"resolved {host}: {' '.join(addresses)}")
 
-        tls_factory = TLSMemoryBIOFactory(self._tls, True, protocolFactory)
+        creator = cast(IOpenSSLClientConnectionCreator, self._tls)
+        tls_factory = TLSMemoryBIOFactory(creator, True, protocolFactory)
         problems: list[str] = []
         for address in addresses:
             peer = f"[{address}]:{attempt.port}" if ":" in address else f"{address}:{attempt.port}"
@@ -462,7 +472,7 @@ class _PolicyHostEndpoint:
             endpoint = _tcp_endpoint(attempt.reactor, address, attempt.port)
             tracker = _TrackingFactory(tls_factory, attempt)
             try:
-                tracked: _TrackedConnection = await endpoint.connect(tracker)
+                tracked: Any = await endpoint.connect(tracker)
             except neterror.ConnectError as error:
                 problem = _connect_problem(error, peer)
                 attempt.step(problem)
@@ -471,9 +481,8 @@ class _PolicyHostEndpoint:
             attempt.peer = peer
             attempt.step(f"connected to {peer}")
             attempt.stage = AWAITING_RESPONSE
-            tls_protocol = tracked.wrappedProtocol
-            assert isinstance(tls_protocol, TLSMemoryBIOProtocol)
-            http_protocol: IProtocol = tls_protocol.wrappedProtocol
+            # The Agent wants its own protocol back, from under our two wrappers.
+            http_protocol: IProtocol = tracked.wrappedProtocol.wrappedProtocol
             return http_protocol
         raise _FetchError("; ".join(problems))
 
@@ -483,27 +492,28 @@ class _TrackedConnection(ProtocolWrapper):
 
     factory: _TrackingFactory
 
-    def __init__(self, factory: WrappingFactory, wrappedProtocol: IProtocol) -> None:
+    def __init__(self, factory: _TrackingFactory, wrappedProtocol: IProtocol) -> None:
         super().__init__(factory, wrappedProtocol)
         self._lost = False
         self._waiting: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]
         self.factory.attempt.connection = self
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         waiting, self._waiting = self._waiting, []
         try:
-            super().connectionLost(reason)
+            super().connectionLost(reason)  # type: ignore[no-untyped-call]
         finally:
             for waiter in waiting:
                 waiter.callback(None)
 
     def abort(self) -> None:
-        if not self._lost and self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport  # a TCP transport: ITCPTransport has abortConnection
+        if not self._lost and transport is not None:
+            transport.abortConnection()
 
     def closed(self) -> Deferred[None]:
         """Fires once the TCP connection is closed (at once if it already is)."""
@@ -515,13 +525,13 @@ class _TrackedConnection(ProtocolWrapper):
         return waiter
 
 
-class _TrackingFactory(WrappingFactory):
+class _TrackingFactory(WrappingFactory[_TrackedConnection]):
     """Builds :class:`_TrackedConnection` around the TLS protocol of one fetch."""
 
     protocol = _TrackedConnection
 
-    def __init__(self, wrappedFactory: Factory, attempt: _Attempt) -> None:
-        super().__init__(wrappedFactory)
+    def __init__(self, wrappedFactory: Any, attempt: _Attempt) -> None:
+        super().__init__(wrappedFactory)  # type: ignore[no-untyped-call]
         self.attempt = attempt
 
 
@@ -551,7 +561,7 @@ class _BodyReader(Protocol):
             return
         # PotentialDataLoss: no Content-Length and no chunking, the body ended
         # with the connection, which HTTP/1.1 allows.
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss):  # type: ignore[no-untyped-call]
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(
@@ -559,15 +569,17 @@ class _BodyReader(Protocol):
             )
 
 
-async def _read_body(response: IResponse, limit: int, attempt: _Attempt) -> bytes:
+async def _read_body(response: Any, limit: int, attempt: _Attempt) -> bytes:
     reader = _BodyReader(limit, attempt)
     response.deliverBody(reader)
     return await reader.done
 
 
-def _tcp_endpoint(reactor: IReactorTCP, address: str, port: int) -> IStreamClientEndpoint:
+def _tcp_endpoint(reactor: IReactorTCP, address: str, port: int) -> Any:
     if ":" in address:
-        return TCP6ClientEndpoint(reactor, address, port, timeout=CONNECT_ATTEMPT_TIMEOUT)
+        return TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
+            reactor, address, port, timeout=CONNECT_ATTEMPT_TIMEOUT
+        )
     return TCP4ClientEndpoint(reactor, address, port, timeout=CONNECT_ATTEMPT_TIMEOUT)
 
 
@@ -595,7 +607,7 @@ def _causes(problem: BaseException) -> list[BaseException]:
         current = pending.pop(0)
         found.append(current)
         for reason in getattr(current, "reasons", None) or []:
-            if isinstance(reason, Failure):
+            if isinstance(reason, Failure) and reason.value is not None:
                 pending.append(reason.value)
     return found
 

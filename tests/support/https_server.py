@@ -176,6 +176,7 @@ class HostileHttpsServer:
         self._listening: IListeningPort | None = None
         self._open: set[_TrackedServerConnection] = set()
         self._idle_waiters: list[Deferred[None]] = []
+        self._request_waiters: list[Deferred[str]] = []
         self._calls: set[IDelayedCall] = set()
         self._directory = ""
         self._reactor: Any = None
@@ -191,6 +192,12 @@ class HostileHttpsServer:
     def state(self, name: str) -> HostState:
         """The counters of ``name`` (all zero if it never got a request)."""
         return self.hosts.setdefault(name.lower().rstrip("."), HostState())
+
+    def next_request(self) -> Deferred[str]:
+        """Fires with the Host name of the next request the server receives."""
+        waiter: Deferred[str] = Deferred()
+        self._request_waiters.append(waiter)
+        return waiter
 
     @property
     def open_connections(self) -> int:
@@ -403,6 +410,9 @@ class _PolicyResource(Resource):
                 for name, values in request.requestHeaders.getAllRawHeaders()
             }
         )
+        waiters, server._request_waiters = server._request_waiters, []
+        for waiter in waiters:
+            waiter.callback(host)
         behaviour = server._behaviours.get(host)
         request.defaultContentType = None
         if behaviour is None:
