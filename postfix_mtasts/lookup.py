@@ -126,6 +126,9 @@ class PolicyLookup:
         self.holder = holder or uuid.uuid4().hex
         self._rng = rng or random.Random()
         self._inflight: dict[str, Deferred[Resolution]] = {}
+        # When each resolution in flight began: a deadline runs from there,
+        # so lookups joining a late resolution do not each wait it out again.
+        self._inflight_since: dict[str, float] = {}
         self._traces: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._refresh_heap: list[tuple[float, str, float]] = []
         # fetched_at of the policy each domain has a refresh queued for, so
@@ -243,8 +246,9 @@ class PolicyLookup:
             self._touched[domain] = now
             if self._recheck_due(entry, now):
                 shared = self._resolve_shared(domain)
+                left = self._time_left(domain, self.settings.recheck_deadline)
                 try:
-                    resolution = await self._wait(shared, self.settings.recheck_deadline)
+                    resolution = await self._wait(shared, left)
                     entry = resolution.entry
                 except TimeoutError:
                     log.info("%s: TXT check still running after %.1fs; answering from the cache",
@@ -254,8 +258,9 @@ class PolicyLookup:
             return entry_answer(entry, enforce_testing)
         self.stats.misses += 1
         shared = self._resolve_shared(domain)
+        left = self._time_left(domain, self.settings.first_lookup_deadline)
         try:
-            resolution = await self._wait(shared, self.settings.first_lookup_deadline)
+            resolution = await self._wait(shared, left)
         except TimeoutError:
             why = f"discovery still running after {self.settings.first_lookup_deadline:g}s"
             if self.settings.temp_on_first_lookup_timeout:
@@ -275,8 +280,17 @@ class PolicyLookup:
             and now - entry.checked_at >= self.settings.recheck_interval
         )
 
+    def _time_left(self, domain: str, deadline: float) -> float:
+        """What remains of ``deadline`` for the resolution of ``domain`` in flight."""
+        since = self._inflight_since.get(domain)
+        if since is None:
+            return deadline
+        return deadline - (self.reactor.seconds() - since)
+
     async def _wait(self, shared: Deferred[Any], deadline: float | None) -> Resolution:
         """Wait for a shared resolution without letting a timeout cancel it for others."""
+        if deadline is not None and deadline <= 0 and not shared.called:
+            raise TimeoutError()
         waiter: Deferred[Resolution] = Deferred()
 
         def relay(result: Any) -> Any:
@@ -308,10 +322,12 @@ class PolicyLookup:
         d = self._inflight.get(domain)
         if d is not None:
             return d
+        since = self.reactor.seconds()
         d = Deferred.fromCoroutine(self._resolve_and_keep(domain, force_fetch))
 
         def done(result: Any) -> Any:
             self._inflight.pop(domain, None)
+            self._inflight_since.pop(domain, None)
             if isinstance(result, Failure):
                 if not result.check(CancelledError):
                     _log_failure(f"{domain}: resolution failed unexpectedly", result)
@@ -321,6 +337,7 @@ class PolicyLookup:
         d.addBoth(done)
         if not d.called:
             self._inflight[domain] = d
+            self._inflight_since[domain] = since
         return d
 
     async def _resolve_and_keep(self, domain: str, force_fetch: bool) -> Resolution:
