@@ -163,6 +163,41 @@ def test_slow_recheck_answers_from_cache_at_deadline_and_finishes_in_background(
     assert w.dns.total == 2
 
 
+def test_lookups_during_a_check_past_its_deadline_answer_from_cache_at_once() -> None:
+    """The deadline is the check's, not each lookup's: a slow check costs one wait, not one per lookup."""
+    w = make_world(recheck_interval=60, recheck_deadline=2)
+    publish(w, P1)
+    w.answer()
+    w.at(60)
+    slow_dns = w.dns.hold(DOMAIN)
+    first = w.ask()
+    w.at(61)
+    second = w.ask()
+    assert not second.called
+    w.at(62)
+    assert result_of(first) == OK1
+    assert result_of(second) == OK1  # waited 1 s: what was left of the check's deadline
+    w.at(63)
+    assert w.answer() == OK1  # no wait at all while the late check still runs
+    assert w.dns.total == 2
+    slow_dns.callback(txt("1"))
+    assert w.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("temp", [False, True])
+def test_cold_lookups_joining_a_late_discovery_answer_at_once(temp: bool) -> None:
+    w = make_world(first_lookup_deadline=20, temp_on_first_lookup_timeout=temp)
+    slow_dns = w.dns.hold(DOMAIN)
+    w.ask()
+    w.at(30)
+    answer = w.answer()
+    assert answer.kind is (AnswerKind.TEMP if temp else AnswerKind.NOTFOUND)
+    assert w.dns.total == 1
+    w.https.set_policy(DOMAIN, P1)
+    slow_dns.callback(txt("1"))
+    assert w.answer() == OK1
+
+
 def test_fast_recheck_answer_waits_for_the_check_result() -> None:
     w = make_world(recheck_interval=60, recheck_deadline=2)
     publish(w, P1)
