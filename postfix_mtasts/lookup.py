@@ -485,7 +485,8 @@ class PolicyLookup:
         assert entry.policy is not None
         age_limit = min(self.settings.refresh_after, entry.policy.max_age / 2)
         jitter = self._rng.uniform(0, min(self.settings.refresh_jitter, age_limit / 4))
-        return entry.fetched_at + age_limit + jitter
+        # A refresh that failed is not tried again before its back-off.
+        return max(entry.fetched_at + age_limit + jitter, entry.retry_at)
 
     async def _store_get(self, domain: str) -> CacheEntry | None:
         try:
