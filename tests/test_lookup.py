@@ -388,6 +388,18 @@ def test_refresh_fetches_even_when_the_id_is_unchanged_and_replaces_the_policy()
     assert w.lookup.answer_now(DOMAIN, False) == OK2
 
 
+def test_failing_refresh_is_retried_only_after_the_backoff() -> None:
+    w = make_world(recheck_interval=NEVER, refresh_scan_interval=60, fetch_retry_backoff=300)
+    w.start()
+    publish(w, P1)
+    w.answer()
+    w.https.set(DOMAIN, fetch_failed("connection refused"))
+    times = refresh_times(w, 999)
+    assert times, "the policy was never refreshed"
+    assert all(later - earlier >= 300 for earlier, later in zip(times, times[1:])), times
+    assert w.lookup.answer_now(DOMAIN, False) == OK1  # still in force meanwhile
+
+
 def test_refresh_runs_at_most_refresh_concurrency_fetches_at_once() -> None:
     w = make_world(
         recheck_interval=NEVER, refresh_concurrency=3, refresh_scan_interval=60, refresh_jitter=0
