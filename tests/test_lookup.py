@@ -754,3 +754,51 @@ def test_entry_answer_for_each_source() -> None:
     assert entry_answer(negative, True).kind is AnswerKind.NOTFOUND
     failed = CacheEntry(DOMAIN, Source.FAILED, expires_at=T0, checked_at=T0, failure="boom")
     assert entry_answer(failed, False) == Answer.notfound("no usable policy: boom")
+
+
+# --- fleet lease ------------------------------------------------------------------------
+
+
+class LeaseHeldElsewhere(FlakyStore):
+    """A shared store where another daemon of the fleet holds every lease."""
+
+    async def acquire_lease(self, domain: str, holder: str, ttl: float) -> bool:
+        self._check_open()
+        return False
+
+
+def fleet_world() -> World:
+    w = make_world()
+    store = LeaseHeldElsewhere()
+    opened(store)
+    w.store = store
+    w.lookup.store = store
+    return w
+
+
+def test_lookup_adopts_the_result_of_the_fleet_member_holding_the_lease() -> None:
+    w = fleet_world()
+    w.dns.set_id(DOMAIN, "1")
+    pending = w.ask()
+    w.at(1)
+    assert not pending.called
+    theirs = stored_entry(DOMAIN, P1, fetched_offset=1, checked_offset=1)
+    result_of(run(w.store.put_many([theirs])))
+    w.clock.pump([0.05] * 10)  # the next poll sees it
+    assert result_of(pending) == OK1
+    assert w.https.total == 0
+    assert w.clock.getDelayedCalls() == []
+
+
+def test_lookup_fetches_itself_when_the_lease_holder_gives_no_result() -> None:
+    from postfix_mtasts.lookup import LEASE_POLL, LEASE_WAIT
+
+    w = fleet_world()
+    publish(w, P1)
+    pending = w.ask()
+    polls = round(LEASE_WAIT / LEASE_POLL)
+    w.clock.pump([LEASE_POLL] * (polls - 1))
+    assert not pending.called and w.https.total == 0
+    w.clock.advance(LEASE_POLL)
+    assert result_of(pending) == OK1
+    assert w.https.total == 1
