@@ -1,0 +1,370 @@
+"""Run the real ``postfix-mtasts serve`` as a subprocess, for end-to-end tests.
+
+The DNS server and policy host the daemon talks to run in the test process's
+own reactor, so nothing here ever blocks it: the child is spawned with
+``reactor.spawnProcess``, readiness is polled with ``deferLater``, and postmap
+runs through ``getProcessOutputAndValue``.
+
+Usage::
+
+    daemon = await DaemonProcess.start(reactor, tmp_path, config_text)
+    answer = await socketmap_lookup(reactor, daemon.socketmap, "postfix", "example.com")
+    await daemon.stop()          # SIGTERM, exit status must be 0
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+
+from postfix_mtasts.codec import socketmap
+
+#: The only address anything here connects to.
+LOOPBACK = "127.0.0.1"
+#: The checkout's root, put on the child's PYTHONPATH.
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+#: How long a daemon may take to accept its first connection.
+START_TIMEOUT = 20.0
+#: How long a daemon may take to exit after a signal.
+EXIT_TIMEOUT = 20.0
+#: Pause between two readiness probes.
+POLL_INTERVAL = 0.05
+#: How long one socketmap or tcp_table exchange may take before the test fails.
+CLIENT_TIMEOUT = 20.0
+#: Where Debian installs postmap.
+POSTMAP = "/usr/sbin/postmap"
+#: Environment variables that change how the daemon logs (journal format, syslog).
+_LOGGING_VARIABLES = ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (it may be taken
+    again before the caller binds it; tests accept that small race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def daemon_environment() -> dict[str, str]:
+    """The test's environment, minus what would make the child log elsewhere."""
+    environment = {k: v for k, v in os.environ.items() if k not in _LOGGING_VARIABLES}
+    path = environment.get("PYTHONPATH", "")
+    environment["PYTHONPATH"] = PROJECT_ROOT + (os.pathsep + path if path else "")
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment
+
+
+@dataclass(frozen=True)
+class Exited:
+    """How a child process ended: ``code`` for an exit, ``signal`` for a kill."""
+
+    code: int | None
+    signal: int | None
+
+
+class _ChildProtocol(ProcessProtocol):
+    """Collects a child's stdout and stderr lines and reports its end."""
+
+    def __init__(self) -> None:
+        self.stdout = b""
+        self.stderr_lines: list[str] = []
+        self._stderr_partial = b""
+        self.exited: Exited | None = None
+        self._waiters: list[Deferred[Exited]] = []
+        self._line_listeners: list[Callable[[str], None]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.stdout += data
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr_partial += data
+        *complete, self._stderr_partial = self._stderr_partial.split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            self.stderr_lines.append(line)
+            for listener in list(self._line_listeners):
+                listener(line)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._stderr_partial:
+            self.stderr_lines.append(self._stderr_partial.decode("utf-8", "replace"))
+            self._stderr_partial = b""
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            self.exited = Exited(0, None)
+        elif isinstance(value, ProcessTerminated):
+            self.exited = Exited(value.exitCode, value.signal)
+        else:  # pragma: no cover - Twisted reports only those two
+            self.exited = Exited(None, None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self.exited)
+
+    def ended(self) -> Deferred[Exited]:
+        waiter: Deferred[Exited] = Deferred()
+        if self.exited is not None:
+            waiter.callback(self.exited)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+
+class DaemonFailed(AssertionError):
+    """The daemon did not start, or did not stop the way the test expected."""
+
+
+class DaemonProcess:
+    """One ``postfix-mtasts serve`` child with its config file and stderr."""
+
+    def __init__(self, reactor: Any, config_path: Path, probe: tuple[str, str | int]) -> None:
+        self.reactor = reactor
+        self.config_path = config_path
+        #: ("inet", port) or ("unix", path): the listener polled for readiness.
+        self.probe = probe
+        self._protocol = _ChildProtocol()
+        self._transport: Any = None
+
+    @classmethod
+    async def start(
+        cls,
+        reactor: Any,
+        directory: Path,
+        config_text: str,
+        *,
+        name: str = "daemon",
+        args: Sequence[str] = (),
+    ) -> DaemonProcess:
+        """Write ``config_text`` to ``directory/NAME.toml`` and run the daemon on
+        it until its first listener accepts; fails with its stderr if it exits."""
+        config_path = directory / f"{name}.toml"
+        config_path.write_text(config_text, encoding="utf-8")
+        daemon = cls(reactor, config_path, first_listener(config_text))
+        daemon.spawn(args)
+        await daemon.wait_ready()
+        return daemon
+
+    def spawn(self, args: Sequence[str] = ()) -> None:
+        argv = [sys.executable, "-m", "postfix_mtasts.cli", "serve", "--config", str(self.config_path), *args]
+        self._transport = self.reactor.spawnProcess(
+            self._protocol, sys.executable, argv, env=daemon_environment(), path=PROJECT_ROOT
+        )
+
+    @property
+    def pid(self) -> int:
+        pid: int = self._transport.pid
+        return pid
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        """Every complete line the daemon wrote to stderr so far (its log)."""
+        return self._protocol.stderr_lines
+
+    @property
+    def exited(self) -> Exited | None:
+        return self._protocol.exited
+
+    def stderr_text(self) -> str:
+        return "\n".join(self.stderr_lines)
+
+    async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Poll the listener until it accepts; fail if the daemon exits first."""
+        waited = 0.0
+        while True:
+            if self.exited is not None:
+                raise DaemonFailed(f"daemon exited ({self.exited}) before listening:\n{self.stderr_text()}")
+            if probe_accepts(self.probe):
+                return
+            if waited >= timeout:
+                self.kill_now()
+                raise DaemonFailed(
+                    f"daemon not listening on {self.probe} after {timeout}s:\n{self.stderr_text()}"
+                )
+            await deferLater(self.reactor, POLL_INTERVAL, lambda: None)
+            waited += POLL_INTERVAL
+
+    async def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> Exited:
+        ended = self._protocol.ended()
+        ended.addTimeout(timeout, self.reactor)
+        try:
+            return await ended
+        except Exception as e:
+            self.kill_now()
+            raise DaemonFailed(f"daemon did not exit within {timeout}s:\n{self.stderr_text()}") from e
+
+    async def stop(self) -> Exited:
+        """SIGTERM, wait for the exit, and insist on exit status 0."""
+        self._signal(signal.SIGTERM)
+        exited = await self.wait_exit()
+        if exited != Exited(0, None):
+            raise DaemonFailed(f"daemon ended with {exited} after SIGTERM:\n{self.stderr_text()}")
+        return exited
+
+    async def kill(self) -> Exited:
+        """SIGKILL: no clean-up of any kind happens in the daemon."""
+        self._signal(signal.SIGKILL)
+        exited = await self.wait_exit()
+        if exited.signal != signal.SIGKILL:
+            raise DaemonFailed(f"daemon ended with {exited}, not by SIGKILL:\n{self.stderr_text()}")
+        return exited
+
+    def kill_now(self) -> None:
+        """SIGKILL without waiting, for clean-up after a failed test."""
+        if self.exited is None and self._transport is not None:
+            try:
+                self._transport.signalProcess("KILL")
+            except Exception:
+                pass
+
+    async def close(self) -> None:
+        """Make sure the child is gone (fixture teardown)."""
+        if self._transport is None or self.exited is not None:
+            return
+        self.kill_now()
+        await self.wait_exit()
+
+    def _signal(self, number: int) -> None:
+        if self.exited is not None:
+            raise DaemonFailed(f"daemon already ended ({self.exited}):\n{self.stderr_text()}")
+        self._transport.signalProcess(number)
+
+
+def first_listener(config_text: str) -> tuple[str, str | int]:
+    """The first socketmap (else tcp_table) address of a TOML config, as a probe target."""
+    import tomllib
+
+    listen = tomllib.loads(config_text).get("listen", {})
+    addresses = list(listen.get("socketmap", ["inet:127.0.0.1:8461"])) + list(listen.get("tcp_table", []))
+    for address in addresses:
+        kind, _, rest = address.partition(":")
+        if kind == "inet":
+            host, _, port = rest.rpartition(":")
+            if host != LOOPBACK:
+                raise ValueError(f"tests listen on {LOOPBACK} only, not {address!r}")
+            return ("inet", int(port))
+        if kind == "unix":
+            return ("unix", rest.split(":mode=")[0])
+    raise ValueError(f"no inet or unix listener in the config: {addresses}")
+
+
+def probe_accepts(probe: tuple[str, str | int]) -> bool:
+    """True if a listener accepts a connection now."""
+    kind, where = probe
+    family = socket.AF_INET if kind == "inet" else socket.AF_UNIX
+    target: Any = (LOOPBACK, where) if kind == "inet" else where
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        # On loopback a connect is accepted or refused at once; the timeout only
+        # bounds the pathological case of a full backlog.
+        client.settimeout(POLL_INTERVAL)
+        try:
+            client.connect(target)
+        except OSError:
+            return False
+        return True
+
+
+# --- clients ------------------------------------------------------------------
+
+
+class _Exchange(Protocol):
+    """Send one request, collect bytes until ``complete(buffer)`` says the reply is whole."""
+
+    def __init__(self, request: bytes, complete: Callable[[bytes], bool]) -> None:
+        self.request = request
+        self.complete = complete
+        self.buffer = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.done.called and self.complete(self.buffer):
+            self.done.callback(self.buffer)
+            transport: Any = self.transport
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.done.called:
+            self.done.errback(AssertionError(f"connection closed after {self.buffer!r}"))
+
+
+def _endpoint(reactor: Any, address: str) -> Any:
+    kind, _, rest = address.partition(":")
+    if kind == "inet":
+        host, _, port = rest.rpartition(":")
+        return TCP4ClientEndpoint(reactor, host, int(port), timeout=CLIENT_TIMEOUT)
+    if kind == "unix":
+        return UNIXClientEndpoint(reactor, rest, timeout=CLIENT_TIMEOUT)  # type: ignore[no-untyped-call]
+    raise ValueError(f"cannot connect to {address!r}")
+
+
+async def _exchange(reactor: Any, address: str, request: bytes, complete: Callable[[bytes], bool]) -> bytes:
+    exchange = _Exchange(request, complete)
+    await _endpoint(reactor, address).connect(Factory.forProtocol(lambda: exchange))
+    exchange.done.addTimeout(CLIENT_TIMEOUT, reactor)
+    return await exchange.done
+
+
+async def socketmap_lookup(reactor: Any, address: str, name: str, key: str) -> tuple[str, str]:
+    """One socketmap request over a fresh connection to ``address`` ("inet:HOST:PORT"
+    or "unix:PATH"); returns (status, data), e.g. ("OK", "secure match=...")."""
+    decoder = socketmap.SocketmapReplyDecoder()
+    replies: list[tuple[str, str]] = []
+    seen = 0
+
+    def complete(buffer: bytes) -> bool:
+        nonlocal seen
+        replies.extend(decoder.feed(buffer[seen:]))
+        seen = len(buffer)
+        return bool(replies)
+
+    await _exchange(reactor, address, socketmap.encode_request(name, key.encode("utf-8")), complete)
+    return replies[0]
+
+
+async def tcp_table_lookup(reactor: Any, address: str, key: str) -> bytes:
+    """One tcp_table ``get`` over a fresh connection; returns the reply line."""
+    reply = await _exchange(reactor, address, b"get " + key.encode("utf-8") + b"\n", lambda b: b"\n" in b)
+    return reply.split(b"\n", 1)[0]
+
+
+# --- postmap ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostmapResult:
+    stdout: str
+    stderr: str
+    code: int
+
+
+async def postmap_query(
+    reactor: Any, table: str, key: str, *, config_directory: Path | None = None
+) -> PostmapResult:
+    """``postmap -q KEY TABLE`` without blocking the reactor (the daemon it
+    queries may need the test's DNS and HTTPS servers to answer)."""
+    args = ["-q", key, table]
+    if config_directory is not None:
+        args = ["-c", str(config_directory), *args]
+    running: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(  # type: ignore[no-untyped-call]
+        POSTMAP, args, env={"PATH": "/usr/sbin:/usr/bin:/bin"}, reactor=reactor
+    )
+    out, err, code = await running
+    return PostmapResult(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code)
