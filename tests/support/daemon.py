@@ -345,19 +345,25 @@ async def tcp_table_lookup(reactor: Any, address: str, key: str) -> bytes:
     return reply.split(b"\n", 1)[0]
 
 
-# --- postmap ------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
-class PostmapResult:
+class CommandResult:
+    """What a finished command printed, and its exit status."""
+
     stdout: str
     stderr: str
     code: int
 
+    @property
+    def stderr_lines(self) -> list[str]:
+        return self.stderr.splitlines()
+
+
+# --- postmap ------------------------------------------------------------------
+
 
 async def postmap_query(
     reactor: Any, table: str, key: str, *, config_directory: Path | None = None
-) -> PostmapResult:
+) -> CommandResult:
     """``postmap -q KEY TABLE`` without blocking the reactor (the daemon it
     queries may need the test's DNS and HTTPS servers to answer)."""
     args = ["-q", key, table]
@@ -367,4 +373,17 @@ async def postmap_query(
         POSTMAP, args, env={"PATH": "/usr/sbin:/usr/bin:/bin"}, reactor=reactor
     )
     out, err, code = await running
-    return PostmapResult(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code)
+    return CommandResult(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code)
+
+
+# --- the command line ---------------------------------------------------------
+
+
+async def run_cli(reactor: Any, *args: str) -> CommandResult:
+    """``postfix-mtasts ARGS`` as a child process, without blocking the reactor."""
+    argv = ["-m", "postfix_mtasts.cli", *args]
+    running: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(  # type: ignore[no-untyped-call]
+        sys.executable, argv, env=daemon_environment(), path=PROJECT_ROOT, reactor=reactor
+    )
+    out, err, code = await running
+    return CommandResult(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code)
