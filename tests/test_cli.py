@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 import pytest_twisted
 
 from postfix_mtasts import __version__
-from tests.support.daemon import LOOPBACK, DaemonProcess, free_port, run_cli
+from tests.support.daemon import LOOPBACK, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
