@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_twisted
 
 from postfix_mtasts import __version__
-from tests.support.daemon import LOOPBACK, free_port, run_cli
+from tests.support.daemon import LOOPBACK, ensure_deferred, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +28,7 @@ def assert_no_traceback(text: str) -> None:
 # --- --version and configuration errors -----------------------------------
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_version_prints_the_package_version() -> None:
     result = await run_cli(reactor(), "--version")
 
@@ -46,7 +45,7 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(("text", "key"), BAD_CONFIGS)
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_serve_with_a_bad_config_says_one_line_naming_the_key(
     tmp_path: Path, text: str, key: str
 ) -> None:
@@ -63,7 +62,7 @@ async def test_serve_with_a_bad_config_says_one_line_naming_the_key(
     assert result.stdout == ""
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_serve_with_a_missing_config_file_says_so(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.toml"
 
@@ -75,7 +74,7 @@ async def test_serve_with_a_missing_config_file_says_so(tmp_path: Path) -> None:
     ]
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_serve_on_an_address_in_use_fails_with_one_error_line(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as occupant:
         occupant.bind((LOOPBACK, 0))

@@ -21,8 +21,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -32,6 +33,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
 from postfix_mtasts.codec import socketmap
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: Typed aliases of pytest-twisted's decorators (the package has no stubs).
+ensure_deferred: Callable[[_F], _F] = pytest_twisted.ensureDeferred
+async_yield_fixture: Callable[[_F], _F] = pytest_twisted.async_yield_fixture
 
 #: The only address anything here connects to.
 LOOPBACK = "127.0.0.1"
