@@ -31,6 +31,7 @@ from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source, StoreUnavaila
 from postfix_mtasts.policy.model import Mode, Policy
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_S = TypeVar("_S", bound="PolicyStore")
 
 #: Typed aliases of pytest-twisted's decorators (the package has no stubs).
 ensure_deferred: Callable[[_F], _F] = pytest_twisted.ensureDeferred
@@ -75,11 +76,16 @@ class StoreFactory(abc.ABC):
     async def _create(self) -> PolicyStore:
         """A store object (not yet opened) on this factory's backing place."""
 
+    def adopt(self, store: _S) -> _S:
+        """Have ``store``, made by a test itself, closed at teardown."""
+        self._opened.append(store)
+        return store
+
     async def open_store(self) -> PolicyStore:
         """A newly opened store that sees whatever earlier stores wrote."""
         store = await self._create()
+        self._opened.append(store)  # closed at teardown even if a test fails
         await store.open()
-        self._opened.append(store)
         return store
 
     async def reopen(self, store: PolicyStore) -> PolicyStore:
@@ -88,7 +94,8 @@ class StoreFactory(abc.ABC):
         return await self.open_store()
 
     async def close_all(self) -> None:
-        """Close every store this factory opened (closing twice must be harmless)."""
+        """Close every store this factory made (closing twice, or closing a
+        store whose open() failed, must be harmless)."""
         for store in self._opened:
             await store.close()
         self._opened.clear()
@@ -123,9 +130,7 @@ def fetched(
     )
 
 
-def negative(
-    domain: str, *, last_used: float = NOW, expires_at: float = NOW + 3600
-) -> CacheEntry:
+def negative(domain: str, *, last_used: float = NOW, expires_at: float = NOW + 3600) -> CacheEntry:
     """A NEGATIVE entry: the domain publishes no MTA-STS record."""
     return CacheEntry(
         domain=domain,
@@ -136,9 +141,7 @@ def negative(
     )
 
 
-def failed(
-    domain: str, *, last_used: float = NOW, expires_at: float = NOW + 300
-) -> CacheEntry:
+def failed(domain: str, *, last_used: float = NOW, expires_at: float = NOW + 300) -> CacheEntry:
     """A FAILED entry: a record promises a policy that could not be fetched."""
     return CacheEntry(
         domain=domain,
@@ -155,9 +158,7 @@ def failed(
 _BUILDERS: dict[str, Callable[[str], CacheEntry]] = {
     "fetched": fetched,
     "fetched-no-mx": lambda d: fetched(d, mx=()),
-    "fetched-unicode-text": lambda d: fetched(
-        d, mx=("xn--bcher-kva.example",), policy_id="ü"
-    ),
+    "fetched-unicode-text": lambda d: fetched(d, mx=("xn--bcher-kva.example",), policy_id="ü"),
     "negative": negative,
     "failed": failed,
 }
@@ -211,9 +212,7 @@ class StoreContract:
         assert await store.count() == 3
 
     @ensure_deferred
-    async def test_put_many_last_of_a_domain_wins(
-        self, store_factory: StoreFactory
-    ) -> None:
+    async def test_put_many_last_of_a_domain_wins(self, store_factory: StoreFactory) -> None:
         store = await store_factory.open_store()
         last = fetched("a.example", policy_id="last")
         await store.put_many([fetched("a.example", policy_id="first"), last])
@@ -252,9 +251,7 @@ class StoreContract:
         assert await store.count() == 2
 
     @ensure_deferred
-    async def test_load_most_recently_used_first(
-        self, store_factory: StoreFactory
-    ) -> None:
+    async def test_load_most_recently_used_first(self, store_factory: StoreFactory) -> None:
         store = await store_factory.open_store()
         used = {
             "a.example": 50.0,
@@ -278,9 +275,7 @@ class StoreContract:
         assert await store.load(0) == []
 
     @ensure_deferred
-    async def test_load_follows_a_touched_entry(
-        self, store_factory: StoreFactory
-    ) -> None:
+    async def test_load_follows_a_touched_entry(self, store_factory: StoreFactory) -> None:
         store = await store_factory.open_store()
         await store.put_many(
             [
@@ -294,9 +289,7 @@ class StoreContract:
         assert loaded[0].last_used == NOW + 2
 
     @ensure_deferred
-    async def test_prune_removes_only_entries_not_in_force(
-        self, store_factory: StoreFactory
-    ) -> None:
+    async def test_prune_removes_only_entries_not_in_force(self, store_factory: StoreFactory) -> None:
         store = await store_factory.open_store()
         await store.put_many(
             [
@@ -315,13 +308,11 @@ class StoreContract:
         assert await store.count() == 2
 
     @ensure_deferred
-    async def test_reopen_sees_everything_put(
-        self, store_factory: StoreFactory
-    ) -> None:
+    async def test_reopen_sees_everything_put(self, store_factory: StoreFactory) -> None:
         store = await store_factory.open_store()
         kept = [fetched("a.example"), negative("b.example"), failed("c.example")]
         await store.put(kept[0])
-        await store.put_many(kept[1:] + [fetched("gone.example")])
+        await store.put_many([*kept[1:], fetched("gone.example")])
         await store.delete("gone.example")
         store = await store_factory.reopen(store)
         for entry in kept:
@@ -333,9 +324,7 @@ class StoreContract:
     async def test_concurrent_puts_all_land(self, store_factory: StoreFactory) -> None:
         store = await store_factory.open_store()
         entries = [fetched(f"host{i}.example", last_used=NOW + i) for i in range(50)]
-        await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(store.put(e)) for e in entries]
-        )
+        await defer.gatherResults([defer.Deferred.fromCoroutine(store.put(e)) for e in entries])
         assert await store.count() == 50
         for entry in entries:
             assert await store.get(entry.domain) == entry
@@ -362,9 +351,7 @@ class StoreContract:
         await store.release_lease("never-leased.example", "daemon-c")
 
     @ensure_deferred
-    async def test_closed_store_is_unavailable(
-        self, store_factory: StoreFactory
-    ) -> None:
+    async def test_closed_store_is_unavailable(self, store_factory: StoreFactory) -> None:
         store = await store_factory.open_store()
         await store.put(negative("a.example"))
         await store.close()

@@ -9,7 +9,7 @@ import stat
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet import reactor as global_reactor
@@ -34,7 +34,7 @@ from tests.store_contract import (
     negative,
 )
 
-reactor: ThreadedReactor = global_reactor
+reactor = cast(ThreadedReactor, global_reactor)
 
 
 class SqliteFactory(StoreFactory):
@@ -50,9 +50,8 @@ class SqliteFactory(StoreFactory):
 
     async def open_sqlite(self, **options: Any) -> SqliteStore:
         """An opened SqliteStore with extra constructor options."""
-        store = SqliteStore(reactor, str(self.path), **{**self.options, **options})
+        store = self.adopt(SqliteStore(reactor, str(self.path), **{**self.options, **options}))
         await store.open()
-        self._opened.append(store)
         return store
 
 
@@ -209,7 +208,7 @@ async def test_a_newer_schema_is_refused(store_factory: SqliteFactory) -> None:
     conn = _db(store_factory.path)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    store = SqliteStore(reactor, str(store_factory.path))
+    store = store_factory.adopt(SqliteStore(reactor, str(store_factory.path)))
     with pytest.raises(StoreError) as caught:
         await store.open()
     message = str(caught.value)
@@ -373,11 +372,13 @@ async def test_full_database_is_unavailable_then_recovers(
 async def test_unopenable_directory_is_unavailable(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    store = SqliteStore(reactor, str(blocker / "sub" / "cache.sqlite3"))
-    with pytest.raises(StoreUnavailable) as caught:
-        await store.open()
-    assert "cannot create cache directory" in str(caught.value)
-    await store.close()
+    factory = SqliteFactory(blocker / "sub" / "cache.sqlite3")
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await factory.open_sqlite()
+        assert "cannot create cache directory" in str(caught.value)
+    finally:
+        await factory.close_all()
 
 
 # --- default path ------------------------------------------------------------------
