@@ -101,7 +101,7 @@ def _make_real_database(path: Path, entries: int) -> None:
 async def test_creates_directory_0750_and_file_0600(
     store_factory: SqliteFactory,
 ) -> None:
-    old = os.umask(0o022)
+    old = os.umask(0o077)
     try:
         await store_factory.open_store()
     finally:
