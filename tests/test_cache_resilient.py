@@ -543,16 +543,23 @@ async def test_bridge_returns_result_and_cancels_the_task() -> None:
         return 42
 
     assert await from_asyncio(answer()) == 42
+    assert await from_asyncio(answer(), timeout=60) == 42
+
+    async def fails() -> None:
+        raise ValueError("from asyncio")
+
+    with pytest.raises(ValueError, match="from asyncio"):
+        await from_asyncio(fails())
 
     started = asyncio.Event()
-    outcome: list[str] = []
+    cancelled = asyncio.Event()
 
     async def forever() -> None:
         started.set()
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
-            outcome.append("cancelled")
+            cancelled.set()
             raise
 
     waiting = Deferred.fromCoroutine(from_asyncio(forever()))
@@ -560,4 +567,30 @@ async def test_bridge_returns_result_and_cancels_the_task() -> None:
     waiting.cancel()
     with pytest.raises(CancelledError):
         await waiting
-    assert outcome == ["cancelled"]
+    await from_asyncio(cancelled.wait(), timeout=60)
+
+
+@ensure_deferred
+async def test_bridge_timeout_does_not_wait_for_a_task_that_ignores_cancellation() -> None:
+    """Some clients swallow a cancellation; the caller must still go on at its deadline."""
+    import asyncio
+
+    from postfix_mtasts.asyncio_bridge import from_asyncio
+
+    release = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def stubborn() -> str:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                pass  # ignored on purpose
+        finished.set()
+        return "late"
+
+    with pytest.raises(TimeoutError, match=r"timed out after 0\.05s"):
+        await from_asyncio(stubborn(), timeout=0.05)
+    assert not finished.is_set()
+    release.set()
+    await from_asyncio(finished.wait(), timeout=60)

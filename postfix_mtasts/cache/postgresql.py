@@ -36,6 +36,9 @@ DEFAULT_SCHEMA = "mtasts"
 DEFAULT_OP_TIMEOUT = 2.0
 #: Bound on open(): connecting, waiting for another daemon's migration, migrating.
 OPEN_TIMEOUT = 60.0
+#: Extra time load() may take per entry asked for, on top of op_timeout: warming
+#: a full front (200,000 entries) takes seconds, not one operation's bound.
+LOAD_SECONDS_PER_ENTRY = 1e-4
 #: Connections kept open at most.
 POOL_SIZE = 4
 #: libpq's connect_timeout has a floor of 2 seconds.
@@ -227,7 +230,7 @@ class PostgresqlStore:
                 return await operation(conn)
 
         try:
-            return await from_asyncio(asyncio.wait_for(attempt(), bound))
+            return await from_asyncio(attempt(), bound)
         except TimeoutError:
             raise StoreUnavailable(f"postgresql {self.where}: {what} timed out after {bound:g}s") from None
         except StoreUnavailable:
@@ -269,7 +272,7 @@ class PostgresqlStore:
             rows = await cursor.fetchall()
             return [e for e in (self._parse(r[0]) for r in rows) if e is not None]
 
-        return await self._run("load", operation)
+        return await self._run("load", operation, self.op_timeout + limit * LOAD_SECONDS_PER_ENTRY)
 
     async def get(self, domain: str) -> CacheEntry | None:
         """The stored entry for ``domain``, or None."""
@@ -383,6 +386,6 @@ class PostgresqlStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                await from_asyncio(asyncio.wait_for(pool.close(), self.op_timeout))
+                await from_asyncio(pool.close(), self.op_timeout)
             except Exception as e:  # closing a dead connection must not stop shutdown
                 log.debug("postgresql: error while closing: %s", _one_line(e))

@@ -34,6 +34,9 @@ DEFAULT_RETRY_INTERVAL = 5.0
 MAX_PENDING_WRITES = 50_000
 #: Entries written back per put_many call once the store is back.
 FLUSH_BATCH = 500
+#: Extra time load() may take per entry asked for, on top of op_timeout: warming
+#: a full front (200,000 entries) from a shared store takes seconds.
+LOAD_SECONDS_PER_ENTRY = 1e-4
 #: A domain that is never stored: reading it tells whether the store answers.
 PROBE_DOMAIN = "store-probe.postfix-mtasts.invalid"
 
@@ -218,7 +221,8 @@ class ResilientStore:
         """Entries to warm the front with; none while the store is down."""
         if self.available:
             try:
-                return await self._call("load", lambda: self.inner.load(limit))
+                bound = self.op_timeout + max(0, limit) * LOAD_SECONDS_PER_ENTRY
+                return await self._call("load", lambda: self.inner.load(limit), bound)
             except StoreUnavailable as e:
                 self._went_down(e)
         return []
