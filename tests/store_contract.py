@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
