@@ -12,9 +12,12 @@ import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from postfix_mtasts.policy.model import Mode, Policy
@@ -74,13 +77,14 @@ class LoopbackResolver:
 
 @pytest_twisted.async_yield_fixture
 async def server() -> AsyncIterator[HostileHttpsServer]:
+    before = set(leftover_timers())
     started = HostileHttpsServer()
     await started.start(reactor())
     yield started
     await started.stop()
     assert started.open_connections == 0
     # Nothing of the fetcher's or the server's may outlive the test (trial's "dirty reactor").
-    assert leftover_timers() == []
+    assert [call for call in leftover_timers() if call not in before] == []
 
 
 def fetcher_for(
@@ -125,7 +129,7 @@ async def test_good_policy_is_fetched_parsed_and_traced(server: HostileHttpsServ
         "notAfter",
         "certificate valid for mta-sts.example.com",
         "HTTP 200 OK",
-        "Content-Type 'text/plain'" if False else "Content-Type text/plain",
+        "Content-Type text/plain",
         f"body {len(POLICY)} bytes",
         "policy valid: mode enforce",
     ):
@@ -517,6 +521,32 @@ async def test_fetches_leave_no_connection_or_timer_behind(server: HostileHttpsS
     assert isinstance(ok, FetchOK) and isinstance(hung, FetchFailed)
     assert server.open_connections == 0
     # The fixture then checks that no timer of the fetcher is left.
+
+
+@pytest_twisted.ensureDeferred
+async def test_addresses_are_tried_in_order_until_one_connects() -> None:
+    # A memory reactor: these documentation addresses are only strings here, never contacted.
+    clock = MemoryReactorClock()
+
+    class TwoAddresses:
+        async def addresses(self, host: str) -> list[str]:
+            return ["192.0.2.1", "192.0.2.2"]
+
+    fetcher = HttpsPolicyFetcher(clock, TwoAddresses(), timeout=30.0)
+    fetching = Deferred.fromCoroutine(fetcher.fetch(DOMAIN))
+    (first,) = clock.tcpClients
+    assert first[:2] == ("192.0.2.1", 443)
+    first[2].clientConnectionFailed(clock.connectors[0], Failure(ConnectionRefusedError()))
+    second = clock.tcpClients[1]
+    assert second[:2] == ("192.0.2.2", 443)
+
+    clock.advance(30.0)
+    failed = await fetching
+
+    assert isinstance(failed, FetchFailed)
+    assert failed.reason == "no answer within 30.0s (while connecting to 192.0.2.2:443)"
+    assert "connection refused by 192.0.2.1:443" in failed.trace
+    assert clock.getDelayedCalls() == []
 
 
 def test_policy_host_names() -> None:
