@@ -99,7 +99,9 @@ def _run(reactor: Any, job: Any) -> int:
 
         d.addCallbacks(done, failed)
 
-    reactor.callWhenRunning(start)
+    # callWhenRunning fires before the asyncio loop runs; asyncio clients
+    # (dnspython) need it running, so start on the loop's first turn.
+    reactor.callWhenRunning(reactor.callLater, 0, start)
     reactor.run()
     return int(outcome["code"])
 
