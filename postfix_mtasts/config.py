@@ -62,6 +62,8 @@ _OCTAL_MODE: Final = re.compile(r"0?[0-7]{3}")
 _HOSTNAME_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 _DECIMAL: Final = re.compile(r"[0-9]{1,5}")
+#: A system user name as useradd(8) accepts it.
+_USER_NAME: Final = re.compile(r"[a-z_][a-z0-9_.-]{0,30}\$?")
 
 _T = TypeVar("_T")
 
@@ -216,6 +218,13 @@ class MetricsConfig:
     listen: ListenAddress | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    #: Started as root: become this user once listeners and the cache are
+    #: open; empty: keep running as the user that started the daemon.
+    user: str = ""
+
+
 def _default_profiles() -> Mapping[str, Profile]:
     return MappingProxyType({DEFAULT_PROFILE: Profile()})
 
@@ -232,6 +241,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     #: Where this configuration came from, for messages ("<defaults>" if no file).
     source: str = "<defaults>"
 
@@ -596,6 +606,7 @@ class _Reader:
             "log",
             "control",
             "metrics",
+            "service",
         )
         self.table(data, "", known)
         config = Config(
@@ -607,6 +618,7 @@ class _Reader:
             log=self.log(self.subtable(data, "log", "")),
             control=self.control(self.subtable(data, "control", "")),
             metrics=self.metrics(self.subtable(data, "metrics", "")),
+            service=self.service(self.subtable(data, "service", "")),
             source=self.source,
         )
         self.check_distinct_addresses(config)
@@ -836,6 +848,17 @@ class _Reader:
             return MetricsConfig(listen=parse_listen_address(text))
         except ConfigError as error:
             raise self.fail(f"{prefix}.listen", str(error)) from None
+
+    def service(self, data: Mapping[str, object]) -> ServiceConfig:
+        prefix = "service"
+        self.table(data, prefix, ("user",))
+        user = self.string(data, "user", prefix, "")
+        if user and not _USER_NAME.fullmatch(user):
+            raise self.fail(
+                f"{prefix}.user",
+                f"must be a user name like \"postfix-mtasts\" or empty, got {_show(user)}",
+            )
+        return ServiceConfig(user=user)
 
     def check_distinct_addresses(self, config: Config) -> None:
         """Two listeners on one address would fail at bind time with a worse message."""

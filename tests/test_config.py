@@ -95,6 +95,7 @@ def test_no_file_means_defaults_from_limits() -> None:
     assert (config.log.level, config.log.syslog) == ("info", False)
     assert (config.control.socket, config.control.mode) == ("", 0o660)
     assert config.metrics.listen is None
+    assert config.service.user == ""
 
 
 def test_empty_file_equals_no_file_except_source() -> None:
@@ -170,6 +171,8 @@ GOOD: list[tuple[str, Any, Any]] = [
     ("control.mode", "0600", 0o600),
     ("control.mode", "644", 0o644),
     ("metrics.listen", "inet:127.0.0.1:9461", ListenAddress(kind="inet", host="127.0.0.1", port=9461)),
+    ("service.user", "postfix-mtasts", "postfix-mtasts"),
+    ("service.user", "", ""),
 ]
 
 
@@ -321,6 +324,9 @@ BAD: list[tuple[str, Any]] = [
     ("control.mode", "rw-rw----"),
     ("metrics.listen", "127.0.0.1:9461"),
     ("metrics.listen", ["inet:127.0.0.1:9461"]),
+    ("service.user", "Root"),
+    ("service.user", "-rf"),
+    ("service.user", 0),
 ]
 
 
@@ -518,6 +524,7 @@ def test_example_file_uncommented_gives_the_defaults() -> None:
             Config().log,
             Config().control,
             Config().metrics,
+            Config().service,
         )
         for f in dataclasses.fields(section)
         if f.name not in {"redis", "postgresql"}
@@ -654,6 +661,7 @@ KEYS = [
     "log",
     "control",
     "metrics",
+    "service",
     "redis",
     "postgresql",
 ]
