@@ -163,7 +163,9 @@ def _query(reactor: Any, config: Any, domain_text: str, profile_name: str) -> in
     print(f"key {domain_text!r}: policy domain {domain}")
 
     async def job() -> int:
-        lookup = build_lookup(reactor, config, MemoryStore())
+        store = MemoryStore()
+        await store.open()
+        lookup = build_lookup(reactor, config, store)
         resolution = await lookup.refresh(domain)
         for step in resolution.trace:
             print(f"  {step}")
