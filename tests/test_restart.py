@@ -85,38 +85,42 @@ def dns_names(world: World) -> set[str]:
     return {name for name, _ in world.dns.queries}
 
 
-def listen_toml(socketmap_port: int, database: Path) -> str:
-    return (
-        f'[listen]\nsocketmap = ["inet:{LOOPBACK}:{socketmap_port}"]\n'
-        f'[cache]\nbackend = "sqlite"\npath = "{database}"\n'
-    )
-
-
 @ensure_deferred
-async def test_a_corrupt_database_is_kept_aside_and_the_daemon_starts_clean(tmp_path: Path) -> None:
+async def test_a_corrupt_database_is_kept_aside_and_the_daemon_starts_clean(
+    tmp_path: Path, world: World
+) -> None:
+    domain = "damaged.example"
+    expected = answer_for(f"mx.{domain}")
+    world.publish(domain, World.policy_text(mx=(f"mx.{domain}",)), "c1")
     database = tmp_path / "cache.db"
-    port = free_port()
-    first = await DaemonProcess.start(reactor(), tmp_path, listen_toml(port, database), name="first")
-    await first.stop()
-    assert database.exists()
+    address = f"inet:{LOOPBACK}:{free_port()}"
+    config = world.config_toml(socketmap=(address,), cache_backend="sqlite", cache_path=str(database))
+    first = await DaemonProcess.start(reactor(), tmp_path, config, name="first")
+    try:
+        assert await socketmap_lookup(reactor(), address, "postfix", domain) == ("OK", expected)
+        await first.stop()
+    finally:
+        await first.close()
     database.write_bytes(GARBAGE)
 
-    second = await DaemonProcess.start(reactor(), tmp_path, listen_toml(port, database), name="second")
+    second = await DaemonProcess.start(reactor(), tmp_path, config, name="second")
     try:
-        status, _ = await socketmap_lookup(reactor(), f"inet:{LOOPBACK}:{port}", "postfix", "[192.0.2.1]")
-        assert status == "NOTFOUND"
-    finally:
+        # Nothing was kept, so the policy is discovered again, and still served.
+        assert await socketmap_lookup(reactor(), address, "postfix", domain) == ("OK", expected)
         await second.stop()
+    finally:
+        await second.close()
 
-    about_it = [line for line in second.stderr_lines if "corrupt" in line]
+    assert world.https.requests[f"mta-sts.{domain}"] == 2
+    about_it = [line for line in second.stderr_lines if str(database) in line]
     assert len(about_it) == 1, second.stderr_text()
-    assert str(database) in about_it[0]
+    assert "corrupt" in about_it[0]
     assert "Traceback" not in second.stderr_text()
     aside = sorted(name for name in os.listdir(tmp_path) if name.startswith("cache.db.corrupt-"))
-    assert aside, os.listdir(tmp_path)
-    assert (tmp_path / aside[0]).read_bytes() == GARBAGE
+    assert len(aside) == 1, os.listdir(tmp_path)
     assert aside[0] in about_it[0]
-    # The new file is a working database again.
+    # Kept exactly as it was found, and a working database took its place.
+    assert (tmp_path / aside[0]).read_bytes() == GARBAGE
     assert database.read_bytes()[:16] == b"SQLite format 3\x00"
     assert any("0 entries loaded" in line for line in second.stderr_lines), second.stderr_text()
 
