@@ -46,6 +46,16 @@ DNS_PORT = 53
 _T = TypeVar("_T")
 
 
+class RecordLookupError(Exception):
+    """A name has no records of the asked type (``absent`` is True) or DNS
+    could not answer (``absent`` is False); ``reason`` is one line."""
+
+    def __init__(self, reason: str, *, absent: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.absent = absent
+
+
 class AddressLookupError(Exception):
     """A host has no usable A or AAAA record; ``reason`` is one line that does
     not repeat the host name (callers say which host they were resolving)."""
@@ -225,6 +235,21 @@ class DnsResolver:
             raise AddressLookupError("NXDOMAIN")
         raise AddressLookupError("no A or AAAA record")
 
+    async def txt_records(self, name: str) -> list[bytes]:
+        """The TXT records at ``name``, each with its character-strings joined;
+        RecordLookupError when there are none or DNS fails (for ``check``'s
+        reading of ``_mta-sts`` and ``_smtp._tls`` records as published)."""
+        outcome = await self._query(_record_name(name), dns.rdatatype.TXT)
+        return [b"".join(rdata.strings) for rdata in _records(outcome)]
+
+    async def mx_hosts(self, domain: str) -> list[tuple[int, str]]:
+        """The MX records of ``domain`` as ``(preference, host)``, lowest
+        preference first, hosts lower-cased without the final dot (a null MX,
+        RFC 7505, is ``(0, "")``); RecordLookupError when none or DNS fails."""
+        outcome = await self._query(_record_name(domain), dns.rdatatype.MX)
+        found = [(int(rdata.preference), _host_text(rdata.exchange)) for rdata in _records(outcome)]
+        return sorted(found)
+
     async def _query(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> _Outcome:
         """One question, CNAMEs followed, every DNS outcome as a value."""
         if self._unconfigured is not None:
@@ -250,6 +275,27 @@ class DnsResolver:
                 _negative_ttl(answer.response),
             )
         return _Positive(answer.rrset, int(answer.chaining_result.minimum_ttl))
+
+
+def _record_name(name: str) -> dns.name.Name:
+    try:
+        return dns.name.from_text(f"{name.rstrip('.')}.")
+    except (dns.exception.DNSException, UnicodeError) as error:
+        raise RecordLookupError(f"invalid name {name!r}: {error}", absent=True) from None
+
+
+def _host_text(name: dns.name.Name) -> str:
+    """``mx.example.com`` for ``mx.example.com.``; the root (a null MX) is ``""``."""
+    return "" if name == dns.name.root else name.to_text(omit_final_dot=True).lower()
+
+
+def _records(outcome: _Outcome) -> dns.rrset.RRset:
+    """The RRset of a positive outcome; RecordLookupError for the others."""
+    if isinstance(outcome, _Failure):
+        raise RecordLookupError(outcome.reason, absent=False)
+    if isinstance(outcome, _Negative):
+        raise RecordLookupError(outcome.reason, absent=True)
+    return outcome.rrset
 
 
 def _describe_errors(errors: Sequence[tuple[Any, ...]]) -> str:
