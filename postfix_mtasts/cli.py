@@ -26,7 +26,7 @@ def _install_reactor() -> Any:
     from twisted.internet import asyncioreactor
 
     if "twisted.internet.reactor" not in sys.modules:
-        asyncioreactor.install(asyncio.new_event_loop())
+        asyncioreactor.install(asyncio.new_event_loop())  # type: ignore[no-untyped-call]
     from twisted.internet import reactor
 
     return reactor
@@ -56,6 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     common(query)
     query.add_argument("domain", help="a next-hop domain as Postfix would send it")
     query.add_argument("--profile", default="postfix", help="socketmap name / profile (default: postfix)")
+
+    ctl = commands.add_parser(
+        "ctl", help="talk to the running daemon over its control socket",
+        description="Inspect and steer a running daemon. Exit status 0 on success, 2 on any error.",
+    )
+    ctl.add_argument("-c", "--config", metavar="FILE", help="configuration file naming [control] socket")
+    ctl.add_argument("--socket", metavar="PATH", help="control socket (default: from the config, else "
+                                                       "/run/postfix-mtasts/control.sock as root)")
+    actions = ctl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="cached domains: mode, policy id, fetched, expires, source")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    show = actions.add_parser(
+        "show", help="one cached entry, its policy and the trace of its last resolution"
+    )
+    show.add_argument("domain")
+    show.add_argument("--json", action="store_true", help="JSON instead of text")
+    for name, text in (("refresh", "resolve now, fetching the policy even if its id is known"),
+                       ("flush", "forget cached entries")):
+        sub = actions.add_parser(name, help=text)
+        target = sub.add_mutually_exclusive_group(required=True)
+        target.add_argument("domain", nargs="?", help="one domain")
+        target.add_argument("--all", action="store_true", help="every cached domain")
+        sub.add_argument("--json", action="store_true", help="JSON instead of text")
+    stats = actions.add_parser("stats", help="lookups, cache hits, fetches and failures, latency, uptime")
+    stats.add_argument("--json", action="store_true", help="JSON instead of text")
+    actions.add_parser("reload", help="re-read the configuration file (same as SIGHUP)")
     return parser
 
 
@@ -63,20 +89,70 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from postfix_mtasts.config import ConfigError, load_config
 
+    if args.command == "ctl" and args.socket:
+        return _ctl(args, args.socket)
     try:
         config = load_config(args.config)
     except ConfigError as e:
         print(f"postfix-mtasts: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if args.command == "ctl":
+        from postfix_mtasts.control import client_socket_path
+
+        return _ctl(args, config.control.socket or client_socket_path())
     reactor = _install_reactor()
     from postfix_mtasts import logsetup
 
-    level = logsetup.adjust_level(logsetup.LEVELS[config.log.level], args.verbose - args.quiet)
-    logsetup.configure(level, syslog=config.log.syslog and args.command == "serve")
+    verbosity = args.verbose - args.quiet
+    level = logsetup.adjust_level(logsetup.LEVELS[config.log.level], verbosity)
+    try:
+        logsetup.configure(level, syslog=config.log.syslog and args.command == "serve")
+    except logsetup.LogSetupError as e:
+        print(f"postfix-mtasts: {e}", file=sys.stderr)
+        return EXIT_ERROR
     logsetup.route_twisted_logs()
     if args.command == "serve":
-        return _serve(reactor, config)
+        return _serve(reactor, config, verbosity)
     return _query(reactor, config, args.domain, args.profile)
+
+
+def _ctl(args: argparse.Namespace, path: str) -> int:
+    """One request to the daemon's control socket; the answer printed as text or JSON."""
+    import json
+
+    from postfix_mtasts import control
+
+    action = args.action
+    request: dict[str, object] = {"command": action}
+    if getattr(args, "all", False):
+        request["all"] = True
+    elif getattr(args, "domain", None) is not None:
+        request["domain"] = args.domain
+    try:
+        reply = control.call(path, request)
+    except control.ControlUnavailable as e:
+        print(f"postfix-mtasts: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if not reply.get("ok"):
+        print(f"postfix-mtasts: {reply.get('error', 'the daemon refused the request')}", file=sys.stderr)
+        return EXIT_ERROR
+    result = reply.get("result")
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif action == "list":
+        print(control.format_list(result))  # type: ignore[arg-type]
+    elif action == "show":
+        print(control.format_show(result))  # type: ignore[arg-type]
+    elif action == "stats":
+        print(control.format_stats(result))  # type: ignore[arg-type]
+    elif action == "refresh":
+        print(control.format_results(result))  # type: ignore[arg-type]
+    elif action == "flush":
+        count = result["flushed"] if isinstance(result, dict) else 0
+        print(f"flushed {args.domain}" if args.domain else f"flushed {count} entries")
+    else:
+        print(result)
+    return EXIT_OK
 
 
 def _run(reactor: Any, job: Any) -> int:
@@ -106,24 +182,47 @@ def _run(reactor: Any, job: Any) -> int:
     return int(outcome["code"])
 
 
-def _serve(reactor: Any, config: Any) -> int:
+def _serve(reactor: Any, config: Any, verbosity: int = 0) -> int:
+    """Run the service until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+    import signal
+
     from twisted.internet.defer import Deferred
 
-    from postfix_mtasts.service import Daemon, StartupError
+    from postfix_mtasts.service import ReloadRefused, Service, StartupError
 
-    daemon = Daemon(reactor, config)
+    service = Service(reactor, config, verbosity=verbosity)
     outcome = {"code": EXIT_OK}
+    reload_wanted = {"pending": False}
+
+    def reload_now() -> None:
+        if not service.started or service.stopping:
+            reload_wanted["pending"] = not service.stopping  # once start-up is over
+            return
+
+        async def run() -> None:
+            try:
+                await service.reload()
+            except ReloadRefused:
+                pass  # logged, one line, by the service
+
+        Deferred.fromCoroutine(run()).addErrback(
+            lambda failure: log.error("reload failed: %s", failure.getErrorMessage())
+        )
+
+    # Installed before the reactor runs: SIGHUP's default action would kill us.
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload_now))
 
     async def start() -> None:
         try:
-            await daemon.start()
+            await service.start()
         except StartupError as e:
             log.error("cannot start: %s", e)
             outcome["code"] = 1
             reactor.stop()
             return
-        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(daemon.stop()))
-        log.info("postfix-mtasts %s ready", __version__)
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(service.stop()))
+        if reload_wanted["pending"]:
+            reload_now()
 
     def begin() -> None:
         d = Deferred.fromCoroutine(start())

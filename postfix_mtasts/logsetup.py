@@ -1,7 +1,9 @@
 """Where log lines go: stderr, the journal, or syslog's mail facility.
 
-Under systemd (``JOURNAL_STREAM`` set) lines carry no timestamp, because
-journald adds its own; on a terminal they do. Twisted's own log events are
+Under systemd (``JOURNAL_STREAM`` or ``INVOCATION_ID`` set) lines carry no
+timestamp, because journald adds its own, and start with the ``<N>`` syslog
+priority prefix journald reads (sd-daemon(3)), so ``journalctl -p warning``
+works; on a terminal they carry a timestamp. Twisted's own log events are
 routed into the same stdlib handlers so there is one stream to read.
 """
 
@@ -11,8 +13,9 @@ import logging
 import logging.handlers
 import os
 import sys
+from typing import cast
 
-from twisted.logger import LogLevel, STDLibLogObserver, globalLogBeginner
+from twisted.logger import ILogObserver, LogLevel, STDLibLogObserver, globalLogBeginner
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -25,6 +28,34 @@ LEVELS = {
 _LADDER = [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR]
 
 SYSLOG_SOCKET = "/dev/log"
+
+#: syslog priorities of the stdlib levels, for journald's "<N>" line prefix.
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class LogSetupError(Exception):
+    """Logging cannot go where the configuration says; one line for the admin."""
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>LEVEL message``: journald strips the prefix and keeps the priority."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITIES.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        text = super().format(record)
+        # Each line of a multi-line record (a traceback) keeps the priority.
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
+
+
+def check(syslog: bool) -> None:
+    """Raise LogSetupError if logging as configured cannot work on this machine."""
+    if syslog and not os.path.exists(SYSLOG_SOCKET):
+        raise LogSetupError(
+            f"log.syslog = true but {SYSLOG_SOCKET} does not exist (is a syslog daemon running?)"
+        )
 
 
 def adjust_level(level: int, verbosity: int) -> int:
@@ -39,25 +70,34 @@ def under_systemd() -> bool:
 
 
 def configure(level: int, syslog: bool = False) -> None:
-    """Install one handler on the root logger; safe to call again on reload."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    """Install one handler on the root logger; safe to call again on reload.
+
+    Raises LogSetupError (and changes nothing) if syslog is asked for but unreachable.
+    """
     handler: logging.Handler
     if syslog:
-        handler = logging.handlers.SysLogHandler(
-            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
-        )
+        check(syslog)
+        try:
+            handler = logging.handlers.SysLogHandler(
+                address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
+            )
+        except OSError as e:
+            raise LogSetupError(
+                f"log.syslog = true but {SYSLOG_SOCKET} refuses messages: {e.strerror}"
+            ) from e
         handler.setFormatter(logging.Formatter("postfix-mtasts[%(process)d]: %(message)s"))
     elif under_systemd():
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.setFormatter(JournalFormatter())
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
         )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
     root.setLevel(level)
     # Twisted's chatter ("Starting factory ...") is not for mail admins.
@@ -79,4 +119,6 @@ def route_twisted_logs() -> None:
         if event.get("log_level", LogLevel.info) >= LogLevel.warn or event.get("isError"):
             observer(event)
 
-    globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False, discardBuffer=True)
+    globalLogBeginner.beginLoggingTo(
+        [cast(ILogObserver, filtered)], redirectStandardIO=False, discardBuffer=True
+    )

@@ -2,24 +2,39 @@
 
 Start-up order matters: the store is opened and the in-memory front warmed
 *before* any listener accepts a connection, so after a restart cached
-policies answer at once, before any network traffic.
+policies answer at once, before any network traffic. :class:`Daemon` is that
+core (store, lookup, Postfix listeners); :class:`Service` adds what a system
+service needs around it: the control socket, metrics, systemd notification,
+reload and the privilege drop.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import os
+import pwd
 import socket
-from dataclasses import dataclass, field
+import stat
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 
-from postfix_mtasts.cache import IPolicyStore
-from postfix_mtasts.config import Config, ListenAddress, Nameserver
+from postfix_mtasts import __version__
+from postfix_mtasts.cache import IPolicyStore, Source
+from postfix_mtasts.config import Config, ConfigError, ListenAddress, Nameserver, load_config
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
+from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop
-from postfix_mtasts.protocol import SocketmapFactory, TcpTableFactory
+from postfix_mtasts.protocol import SocketmapFactory, SocketmapProtocol, TcpTableFactory, TcpTableProtocol
+from postfix_mtasts.resolver import FetchResult, PolicyFetcher
 from postfix_mtasts.resolver.dns import DnsResolver
 from postfix_mtasts.resolver.https import HttpsPolicyFetcher
 from postfix_mtasts.responder import Responder
@@ -28,10 +43,30 @@ log = logging.getLogger("postfix_mtasts.service")
 
 #: Bound on each operation against a shared (network) store.
 SHARED_STORE_OP_TIMEOUT = 2.0
+#: At shutdown, how long connections may keep lookups running before they are closed.
+SHUTDOWN_GRACE = 30.0
+#: How long a closed connection may take to flush its last answers.
+CLOSE_GRACE = 5.0
+#: How often shutdown looks whether the connections have gone idle.
+DRAIN_POLL = 0.05
+#: How often the status line shown by ``systemctl status`` is refreshed.
+STATUS_INTERVAL = 30.0
+#: Upper bounds (seconds) of the policy fetch duration buckets.
+FETCH_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Profile label for requests naming a map the configuration does not know.
+UNKNOWN_PROFILE = "(unknown)"
+#: Name of the runtime and state directories a daemon may hand to its user.
+OWN_DIRECTORY_NAME = "postfix-mtasts"
+#: Side files of an SQLite database in WAL mode, handed over with it.
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 class StartupError(Exception):
     """The daemon cannot start; ``str(e)`` is one line for the admin."""
+
+
+class ReloadRefused(Exception):
+    """A new configuration was not applied; ``str(e)`` is one line for the admin."""
 
 
 def nameserver_strings(nameservers: tuple[Nameserver, ...]) -> list[str]:
@@ -105,7 +140,8 @@ def build_store(reactor: Any, config: Config) -> IPolicyStore:
     return ResilientStore(reactor, inner, op_timeout=SHARED_STORE_OP_TIMEOUT)
 
 
-def build_lookup(reactor: Any, config: Config, store: IPolicyStore) -> PolicyLookup:
+def build_resolvers(reactor: Any, config: Config) -> tuple[DnsResolver, HttpsPolicyFetcher]:
+    """The DNS resolver and the HTTPS policy fetcher the ``[resolver]`` section describes."""
     dns = DnsResolver(nameserver_strings(config.resolver.nameservers), timeout=config.resolver.dns_timeout)
     fetcher = HttpsPolicyFetcher(
         reactor,
@@ -114,7 +150,165 @@ def build_lookup(reactor: Any, config: Config, store: IPolicyStore) -> PolicyLoo
         timeout=config.resolver.fetch_timeout,
         port=config.resolver.https_port,
     )
+    return dns, fetcher
+
+
+def build_lookup(reactor: Any, config: Config, store: IPolicyStore) -> PolicyLookup:
+    dns, fetcher = build_resolvers(reactor, config)
     return PolicyLookup(reactor, dns, fetcher, store, lookup_settings(config))
+
+
+# --- what the service counts besides LookupStats ------------------------------------
+
+
+@dataclass
+class ServiceCounters:
+    """Lookups per profile and answer, and how long policy fetches take."""
+
+    by_profile: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: One count per FETCH_BUCKETS bound, plus one for slower fetches.
+    fetch_counts: list[int] = field(default_factory=lambda: [0] * (len(FETCH_BUCKETS) + 1))
+    fetch_seconds: float = 0.0
+
+    def count_answer(self, profile: str, answer: Answer) -> None:
+        self.by_profile[(profile, answer.kind.value)] += 1
+
+    def count_fetch(self, seconds: float) -> None:
+        self.fetch_counts[bisect.bisect_left(FETCH_BUCKETS, seconds)] += 1
+        self.fetch_seconds += seconds
+
+    def profiles_snapshot(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for (profile, answer), count in sorted(self.by_profile.items()):
+            result.setdefault(profile, {})[answer] = count
+        return result
+
+
+class TimedFetcher:
+    """A :class:`PolicyFetcher` that records how long each fetch of the one it wraps took."""
+
+    def __init__(self, inner: PolicyFetcher, clock: IReactorTime, counters: ServiceCounters) -> None:
+        self.inner = inner
+        self.clock = clock
+        self.counters = counters
+
+    async def fetch(self, domain: str) -> FetchResult:
+        started = self.clock.seconds()
+        try:
+            return await self.inner.fetch(domain)
+        finally:
+            self.counters.count_fetch(self.clock.seconds() - started)
+
+
+class CountingResponder(Responder):
+    """A :class:`Responder` that also counts each answer under its profile."""
+
+    def __init__(self, *args: Any, counters: ServiceCounters, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counters = counters
+
+    def respond(self, profile_name: str, key: bytes) -> Answer | Deferred[Answer]:
+        result = super().respond(profile_name, key)
+        # Unknown map names are counted together: the label set stays bounded.
+        profile = profile_name if profile_name in self.profiles else UNKNOWN_PROFILE
+        if isinstance(result, Deferred):
+            def counted(answer: Answer) -> Answer:
+                self.counters.count_answer(profile, answer)
+                return answer
+
+            result.addCallback(counted)
+        else:
+            self.counters.count_answer(profile, result)
+        return result
+
+
+# --- connections, tracked so that shutdown can let them finish ----------------------
+
+
+class ConnectionSet:
+    """The Postfix connections open right now."""
+
+    def __init__(self) -> None:
+        self.open: set[_Tracked] = set()
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def busy(self) -> list[_Tracked]:
+        return [connection for connection in self.open if connection.busy]
+
+
+class _Tracked:
+    """Mixin: joins the factory's :class:`ConnectionSet` while connected."""
+
+    factory: Any
+    transport: Any
+    _pending: Any
+
+    @property
+    def busy(self) -> bool:
+        """True while a request of this connection still waits for its answer."""
+        return bool(self._pending)
+
+    def track(self) -> None:
+        self.factory.connections.open.add(self)
+
+    def untrack(self) -> None:
+        self.factory.connections.open.discard(self)
+
+
+class _TrackedSocketmapProtocol(_Tracked, SocketmapProtocol):
+    def connectionMade(self) -> None:
+        self.track()
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.untrack()
+        super().connectionLost(reason)
+
+
+class _TrackedTcpTableProtocol(_Tracked, TcpTableProtocol):
+    def connectionMade(self) -> None:
+        self.track()
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.untrack()
+        super().connectionLost(reason)
+
+
+class TrackingSocketmapFactory(SocketmapFactory):
+    def __init__(self, *args: Any, connections: ConnectionSet, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections = connections
+
+    def buildProtocol(self, addr: Any) -> SocketmapProtocol:
+        protocol = _TrackedSocketmapProtocol(self.responder, self.idle_timeout, self.clock)
+        protocol.factory = self
+        return protocol
+
+
+class TrackingTcpTableFactory(TcpTableFactory):
+    def __init__(self, *args: Any, connections: ConnectionSet, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections = connections
+
+    def buildProtocol(self, addr: Any) -> TcpTableProtocol:
+        protocol = _TrackedTcpTableProtocol(self.responder, self.idle_timeout, self.profile, self.clock)
+        protocol.factory = self
+        return protocol
+
+
+# --- the core daemon ----------------------------------------------------------------
+
+#: A Postfix listener is known by what it speaks and where.
+ListenerKey = tuple[str, ListenAddress]
+
+
+def _listener_keys(config: Config) -> list[ListenerKey]:
+    return [("socketmap", a) for a in config.listen.socketmap] + [
+        ("tcp_table", a) for a in config.listen.tcp_table
+    ]
 
 
 @dataclass
@@ -126,7 +320,12 @@ class Daemon:
     store: IPolicyStore | None = None
     lookup: PolicyLookup | None = None
     responder: Responder | None = None
+    #: The Postfix listeners, socketmap ones first, in configuration order.
     ports: list[tuple[ListenAddress, IListeningPort]] = field(default_factory=list)
+    counters: ServiceCounters = field(default_factory=ServiceCounters)
+    connections: ConnectionSet = field(default_factory=ConnectionSet)
+    _listeners: dict[ListenerKey, IListeningPort] = field(default_factory=dict)
+    _factories: dict[str, Factory] = field(default_factory=dict)
 
     async def start(self) -> None:
         config = self.config
@@ -136,40 +335,479 @@ class Daemon:
         except Exception as e:
             raise StartupError(f"cache ({config.cache.backend}): {e}") from e
         self.lookup = build_lookup(self.reactor, config, self.store)
+        self.lookup.fetcher = TimedFetcher(self.lookup.fetcher, self.reactor, self.counters)
         loaded = await self.lookup.start()
-        self.responder = Responder(
-            self.lookup, config.profiles, BracketedNextHop(config.policy.bracketed_next_hop)
+        self.responder = CountingResponder(
+            self.lookup,
+            config.profiles,
+            BracketedNextHop(config.policy.bracketed_next_hop),
+            counters=self.counters,
         )
         log.info("cache %s: %d entries loaded into memory", config.cache.backend, loaded)
-        socketmap_factory = SocketmapFactory(
-            self.responder, config.listen.socketmap_idle_timeout, clock=self.reactor
+        socketmap_factory = TrackingSocketmapFactory(
+            self.responder, config.listen.socketmap_idle_timeout, clock=self.reactor,
+            connections=self.connections,
         )
-        tcp_table_factory = TcpTableFactory(
-            self.responder, config.listen.tcp_table_idle_timeout, clock=self.reactor
+        tcp_table_factory = TrackingTcpTableFactory(
+            self.responder, config.listen.tcp_table_idle_timeout, clock=self.reactor,
+            connections=self.connections,
         )
         for factory in (socketmap_factory, tcp_table_factory):
             factory.noisy = False
-        listeners = [(a, socketmap_factory, "socketmap") for a in config.listen.socketmap]
-        listeners += [(a, tcp_table_factory, "tcp_table") for a in config.listen.tcp_table]
-        for address, factory, kind in listeners:
+        self._factories = {"socketmap": socketmap_factory, "tcp_table": tcp_table_factory}
+        for key in _listener_keys(config):
             try:
-                port = await serverFromString(self.reactor, endpoint_for(address)).listen(factory)
-            except Exception as e:
+                await self._listen(key)
+            except StartupError:
                 await self.stop()
-                raise StartupError(f"cannot listen on {address} ({kind}): {_one_line(e)}") from e
-            self.ports.append((address, port))
-            log.info("listening for %s on %s", kind, address)
+                raise
+        self._order_ports(config)
+
+    async def _listen(self, key: ListenerKey) -> None:
+        kind, address = key
+        try:
+            endpoint = serverFromString(self.reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
+            port = await endpoint.listen(self._factories[kind])
+        except StartupError:
+            raise
+        except Exception as e:
+            raise StartupError(f"cannot listen on {address} ({kind}): {_one_line(e)}") from e
+        self._listeners[key] = port
+        log.info("listening for %s on %s", kind, address)
+
+    def _order_ports(self, config: Config) -> None:
+        listeners = self._listeners
+        self.ports[:] = [(key[1], listeners[key]) for key in _listener_keys(config) if key in listeners]
 
     async def stop(self) -> None:
-        """Stop accepting, let lookups in flight finish, write the cache back."""
-        for _, port in self.ports:
-            await port.stopListening()
+        """Stop accepting, let lookups in flight finish and answer, write the cache back."""
+        for port in list(self._listeners.values()):
+            await _stop_listening(port)
+        self._listeners.clear()
         self.ports.clear()
+        await self._drain_connections()
         if self.lookup is not None:
             await self.lookup.stop()
+        await self._close_connections()
         if self.store is not None:
             await self.store.close()
         log.info("stopped")
+
+    async def _drain_connections(self) -> None:
+        """No new requests; wait (bounded) until every request received has its answer."""
+        for connection in list(self.connections.open):
+            connection.transport.pauseProducing()
+        waited = 0.0
+        while self.connections.busy() and waited < SHUTDOWN_GRACE:
+            await _sleep(self.reactor, DRAIN_POLL)
+            waited += DRAIN_POLL
+        busy = len(self.connections.busy())
+        if busy:
+            log.warning("closing %d connections with lookups still running after %gs", busy, SHUTDOWN_GRACE)
+
+    async def _close_connections(self) -> None:
+        """Close every connection once its answers are written (loseConnection flushes first)."""
+        for connection in list(self.connections.open):
+            connection.transport.loseConnection()
+        waited = 0.0
+        while self.connections.open and waited < CLOSE_GRACE:
+            await _sleep(self.reactor, DRAIN_POLL)
+            waited += DRAIN_POLL
+        for connection in list(self.connections.open):
+            connection.transport.abortConnection()
+
+    async def apply(self, new: Config) -> list[str]:
+        """Switch the running daemon to ``new`` without dropping the cache or open connections.
+
+        Listeners are opened before any is closed, so a listener that cannot
+        be opened refuses the whole change (:class:`ReloadRefused`) and the
+        old configuration stays. Returns one short note per change made.
+        """
+        assert self.lookup is not None and self.responder is not None
+        old = self.config
+        notes: list[str] = []
+        old_keys, new_keys = set(_listener_keys(old)), set(_listener_keys(new))
+        added = [key for key in _listener_keys(new) if key not in old_keys]
+        removed = [key for key in _listener_keys(old) if key not in new_keys]
+        # The same place with other options (a unix socket's mode): free it first.
+        places = {_place(address) for _, address in added}
+        rebound = [key for key in removed if _place(key[1]) in places]
+        for key in rebound:
+            await _stop_listening(self._listeners.pop(key))
+        opened: list[ListenerKey] = []
+        for key in added:
+            try:
+                await self._listen(key)
+            except StartupError as e:
+                for done in opened:
+                    await _stop_listening(self._listeners.pop(done))
+                lost = ", ".join(str(key[1]) for key in rebound)
+                raise ReloadRefused(str(e) + (f" (and {lost} was closed)" if lost else "")) from e
+            opened.append(key)
+        for key in removed:
+            if key in self._listeners:
+                await _stop_listening(self._listeners.pop(key))
+                log.info("no longer listening for %s on %s", key[0], key[1])
+        self._order_ports(new)
+        if added or removed:
+            notes.append(f"listeners: {len(added)} added, {len(removed)} removed, "
+                         f"{len(new_keys) - len(added)} kept")
+
+        socketmap_factory = self._factories["socketmap"]
+        tcp_table_factory = self._factories["tcp_table"]
+        socketmap_factory.idle_timeout = new.listen.socketmap_idle_timeout  # type: ignore[attr-defined]
+        tcp_table_factory.idle_timeout = new.listen.tcp_table_idle_timeout  # type: ignore[attr-defined]
+        if dict(new.profiles) != dict(old.profiles):
+            notes.append(f"profiles: {', '.join(sorted(new.profiles))}")
+        self.responder.profiles = new.profiles
+        self.responder.bracketed = BracketedNextHop(new.policy.bracketed_next_hop)
+        if new.policy != old.policy:
+            notes.append("policy settings")
+        self.lookup.settings = replace(
+            lookup_settings(new), memory_entries=self.lookup.settings.memory_entries
+        )
+        if new.resolver != old.resolver:
+            dns, fetcher = build_resolvers(self.reactor, new)
+            self.lookup.txt_resolver = dns
+            self.lookup.fetcher = TimedFetcher(fetcher, self.reactor, self.counters)
+            notes.append("resolver")
+        if new.cache != old.cache:
+            log.warning("cache settings changed: they take effect at the next restart")
+        self.config = new
+        return notes
+
+    def cached_by_source(self) -> dict[str, int]:
+        """How many entries the memory front holds, per source (fetched, negative, failed)."""
+        counts = {source.value: 0 for source in Source}
+        if self.lookup is not None:
+            for entry in self.lookup.front.entries():
+                counts[entry.source.value] += 1
+        return counts
+
+
+async def _stop_listening(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped
+
+
+def _place(address: ListenAddress) -> ListenAddress:
+    return replace(address, mode=None)
+
+
+async def _sleep(clock: IReactorTime, seconds: float) -> None:
+    d: Deferred[None] = Deferred()
+    clock.callLater(seconds, d.callback, None)
+    await d
+
+
+# --- the system service ---------------------------------------------------------
+
+
+class Service:
+    """The daemon as systemd (or an init script) runs it.
+
+    Start: the :class:`Daemon` (store, warm front, Postfix listeners), then the
+    control socket and metrics, then the privilege drop, then READY=1.
+    ``reload()`` re-reads the configuration file; ``stop()`` sends
+    STOPPING=1 and lets the daemon finish its lookups.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        *,
+        verbosity: int = 0,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        from postfix_mtasts.sdnotify import Notifier
+
+        self.reactor = reactor
+        self.daemon = Daemon(reactor, config)
+        self.verbosity = verbosity
+        self.environ = os.environ if environ is None else environ
+        self.notifier = Notifier(self.environ)
+        self.control_path = ""
+        self.started = False
+        self.stopping = False
+        self._control_port: IListeningPort | None = None
+        self._metrics_port: IListeningPort | None = None
+        self._metrics_registry: Any = None
+        self._heartbeat: Any = None
+        self._reloading: Deferred[Any] | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.daemon.config
+
+    @property
+    def lookup(self) -> PolicyLookup:
+        assert self.daemon.lookup is not None
+        return self.daemon.lookup
+
+    async def start(self) -> None:
+        config = self.config
+        user = _service_user(config.service.user)
+        await self.daemon.start()
+        try:
+            try:
+                await self._listen_control(config)
+            except StartupError as e:
+                # Postfix's lookups matter more than the admin's socket: serve without it.
+                log.warning("%s; postfix-mtasts ctl will not reach this daemon", e)
+            await self._listen_metrics(config)
+            if user is not None:
+                self._drop_privileges(user)
+        except StartupError:
+            await self._stop_extras()
+            await self.daemon.stop()
+            raise
+        self.started = True
+        self._start_heartbeat()
+        self.notifier.ready(self.status_line())
+        log.info("postfix-mtasts %s ready", __version__)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.notifier.stopping("stopping: finishing lookups in flight")
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        await self._stop_extras()
+        await self.daemon.stop()
+
+    async def _stop_extras(self) -> None:
+        for port in (self._control_port, self._metrics_port):
+            if port is not None:
+                await _stop_listening(port)
+        self._control_port = self._metrics_port = None
+
+    # --- control and metrics listeners ------------------------------------------
+
+    async def _listen_control(self, config: Config) -> None:
+        from postfix_mtasts.control import ControlFactory, default_socket_path
+
+        path = config.control.socket or default_socket_path(self.environ)
+        _make_runtime_directory(os.path.dirname(path))
+        address = ListenAddress(kind="unix", path=path, mode=config.control.mode)
+        try:
+            endpoint = serverFromString(self.reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
+            port = await endpoint.listen(ControlFactory(self))
+        except Exception as e:
+            raise StartupError(f"cannot listen on control socket {path}: {_one_line(e)}") from e
+        # Twisted applies the mode after bind; make sure nothing looser was left.
+        os.chmod(path, config.control.mode)
+        self._control_port, self.control_path = port, path
+        log.info("control socket on %s (mode %04o)", path, config.control.mode)
+
+    async def _listen_metrics(self, config: Config) -> None:
+        address = config.metrics.listen
+        if address is None:
+            return
+        try:
+            from postfix_mtasts import metrics
+        except ImportError as e:
+            raise StartupError(
+                f"metrics.listen = \"{address}\" needs prometheus_client: "
+                f"pip install 'postfix-mtasts[metrics]' ({e})"
+            ) from e
+        if self._metrics_registry is None:
+            self._metrics_registry = metrics.build_registry(self)
+        try:
+            port = await metrics.listen(self.reactor, endpoint_for(address), self._metrics_registry)
+        except Exception as e:
+            raise StartupError(f"cannot listen on {address} (metrics): {_one_line(e)}") from e
+        self._metrics_port = port
+        log.info("serving Prometheus metrics on %s", address)
+
+    # --- privileges -------------------------------------------------------------
+
+    def _drop_privileges(self, user: pwd.struct_passwd) -> None:
+        """Hand the cache and the control socket to ``user``, then become it."""
+        if os.geteuid() == user.pw_uid:
+            return
+        uid, gid = user.pw_uid, user.pw_gid
+        for path in self._owned_paths():
+            try:
+                os.chown(path, uid, gid)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StartupError(f"cannot hand {path} to user {user.pw_name}: {e.strerror}") from e
+        try:
+            os.initgroups(user.pw_name, gid)
+            os.setgid(gid)
+            os.setuid(uid)
+        except OSError as e:
+            raise StartupError(f"cannot become user {user.pw_name}: {e.strerror}") from e
+        log.info("running as user %s (uid %d, gid %d)", user.pw_name, uid, gid)
+
+    def _owned_paths(self) -> list[str]:
+        """What the service user must own to keep working: the SQLite files and the control socket."""
+        paths: list[str] = []
+        store = self.daemon.store
+        database = getattr(store, "path", None)
+        if self.config.cache.backend == "sqlite" and isinstance(database, str):
+            directory = os.path.dirname(os.path.abspath(database))
+            # A directory of our own is handed over (SQLite creates its -wal
+            # file there); a shared one like /tmp is never touched.
+            if os.path.basename(directory) == OWN_DIRECTORY_NAME:
+                paths.append(directory)
+            paths.append(database)
+            paths.extend(database + suffix for suffix in SQLITE_SIDE_FILES)
+        if self.control_path:
+            directory = os.path.dirname(self.control_path)
+            if os.path.basename(directory).startswith(OWN_DIRECTORY_NAME):
+                paths.append(directory)
+            paths.append(self.control_path)
+        return paths
+
+    # --- reload -----------------------------------------------------------------
+
+    async def reload(self) -> str:
+        """Read the configuration file again and apply it; raises ReloadRefused, logged as one ERROR line."""
+        if self._reloading is not None:
+            raise ReloadRefused("a reload is already running")
+        done: Deferred[Any] = Deferred()
+        self._reloading = done
+        self.notifier.reloading()
+        try:
+            summary = await self._reload()
+        except ReloadRefused as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            raise
+        finally:
+            self._reloading = None
+            done.callback(None)
+            self.notifier.ready(self.status_line())
+        log.info("%s", summary)
+        return summary
+
+    async def _reload(self) -> str:
+        from postfix_mtasts import logsetup
+
+        old = self.config
+        source = None if old.source == "<defaults>" else old.source
+        try:
+            new = load_config(source)
+        except ConfigError as e:
+            raise ReloadRefused(str(e)) from e
+        try:
+            level = logsetup.adjust_level(logsetup.LEVELS[new.log.level], self.verbosity)
+            logsetup.check(syslog=new.log.syslog)
+        except logsetup.LogSetupError as e:
+            raise ReloadRefused(str(e)) from e
+        if new.service != old.service:
+            log.warning("service.user changed: it takes effect at the next restart")
+        notes = await self.daemon.apply(new)
+        if new.control != old.control:
+            old_port, old_path = self._control_port, self.control_path
+            try:
+                await self._listen_control(new)
+            except StartupError as e:
+                self._control_port, self.control_path = old_port, old_path
+                notes.append(f"control socket kept ({e})")
+            else:
+                if old_port is not None:
+                    await _stop_listening(old_port)
+                notes.append(f"control socket {self.control_path}")
+        if new.metrics != old.metrics:
+            old_metrics = self._metrics_port
+            if old_metrics is not None:
+                await _stop_listening(old_metrics)
+                self._metrics_port = None
+            try:
+                await self._listen_metrics(new)
+            except StartupError as e:
+                notes.append(f"metrics off ({e})")
+            else:
+                notes.append(f"metrics on {new.metrics.listen}" if new.metrics.listen else "metrics off")
+        if new.log != old.log:
+            logsetup.configure(level, syslog=new.log.syslog)
+            notes.append(f"log level {logging.getLevelName(level).lower()}")
+        changed = "; ".join(notes) if notes else "nothing changed"
+        return f"configuration reloaded from {new.source}: {changed}"
+
+    # --- status -------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: what is cached and how much was answered."""
+        lookup = self.daemon.lookup
+        if lookup is None:
+            return "starting"
+        cached = self.daemon.cached_by_source()
+        return (f"{cached[Source.FETCHED.value]} policies cached "
+                f"({len(lookup.front)} domains), {lookup.stats.lookups} lookups, "
+                f"{len(self.daemon.connections)} connections")
+
+    def extra_stats(self) -> dict[str, Any]:
+        """What ``ctl stats`` shows beyond LookupStats: per profile, cache by kind, connections."""
+        return {
+            "profiles": self.counters.profiles_snapshot(),
+            "cached": self.daemon.cached_by_source(),
+            "connections": len(self.daemon.connections),
+            "fetch_seconds_total": self.counters.fetch_seconds,
+            "version": __version__,
+        }
+
+    @property
+    def counters(self) -> ServiceCounters:
+        return self.daemon.counters
+
+    def healthy(self) -> bool:
+        return self.started and not self.stopping
+
+    def _start_heartbeat(self) -> None:
+        from postfix_mtasts.sdnotify import Watchdog, watchdog_interval
+
+        if not self.notifier.enabled:
+            return
+        interval = watchdog_interval(self.environ)
+        self._heartbeat = Watchdog(
+            self.reactor,
+            self.notifier,
+            interval if interval is not None else STATUS_INTERVAL,
+            healthy=self.healthy,
+            status=self.status_line,
+            feed=interval is not None,
+        )
+        self._heartbeat.start()
+
+
+def _service_user(name: str) -> pwd.struct_passwd | None:
+    """The account ``[service] user`` names, checked before anything is opened."""
+    if not name:
+        return None
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise StartupError(
+            f"service.user: no such user {name!r} (create it, e.g. adduser --system {name})"
+        ) from None
+    if os.geteuid() != 0 and os.geteuid() != user.pw_uid:
+        raise StartupError(f"service.user = {name!r}: the daemon must be started as root to become it")
+    return user
+
+
+def _make_runtime_directory(directory: str) -> None:
+    """Create the control socket's directory; refuse one that another user owns."""
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        info = os.stat(directory)
+    except OSError as e:
+        raise StartupError(f"cannot create control socket directory {directory}: {e.strerror}") from e
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"control socket directory {directory} is not a directory")
+    if info.st_uid not in (0, os.geteuid()):
+        owner = _user_name(info.st_uid)
+        raise StartupError(f"control socket directory {directory} belongs to {owner}, not to this user")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def endpoint_for(address: ListenAddress) -> str:
@@ -191,7 +829,10 @@ def _systemd_domain(address: ListenAddress) -> str:
     if address.systemd_name:
         fd = fds.inheritedNamedDescriptors().get(address.systemd_name)
         if fd is None:
-            raise StartupError(f"{address}: systemd passed no socket named {address.systemd_name!r}")
+            names = ", ".join(sorted(fds.inheritedNamedDescriptors())) or "none"
+            raise StartupError(
+                f"{address}: systemd passed no socket named {address.systemd_name!r} (names passed: {names})"
+            )
     else:
         index = address.systemd_index or 0
         if index >= len(descriptors):
@@ -206,5 +847,3 @@ def _systemd_domain(address: ListenAddress) -> str:
 def _one_line(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return " ".join(text.split())
-
-
