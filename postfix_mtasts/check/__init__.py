@@ -11,16 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from postfix_mtasts.check.audit import Auditor, CheckSettings, CheckSetupError, normalise_domain
-from postfix_mtasts.check.findings import Finding, exit_status, render_json, render_text
-from postfix_mtasts.check.smtp import PROBE_DEADLINE, SMTP_PORT
+if TYPE_CHECKING:
+    from postfix_mtasts.check.audit import CheckSettings
+
+# This module stays light (no Twisted, no TLS): the CLI imports it to build its
+# parser for every command; the audit itself is imported when it runs.
 
 #: Exit status for a usage error (bad domain, unusable CA file), as argparse uses.
 EXIT_USAGE = 2
+#: The SMTP port senders use (RFC 5321 §4.5.4.2); another is for test set-ups only.
+SMTP_PORT = 25
+#: Seconds one MX host may take, connect to QUIT, before it is reported as hanging.
+PROBE_DEADLINE = 10.0
+#: Largest --smtp-timeout accepted.
+PROBE_DEADLINE_MAX = 3600.0
 
-__all__ = ["Finding", "add_check_parser", "check_settings", "run_check"]
+__all__ = ["add_check_parser", "check_settings", "run_check"]
 
 
 def add_check_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -58,6 +66,8 @@ def add_check_parser(commands: Any, common: Callable[[argparse.ArgumentParser], 
 
 def check_settings(config: Any, args: argparse.Namespace) -> CheckSettings:
     """The audit's settings from the loaded configuration and the command line."""
+    from postfix_mtasts.check.audit import CheckSettings
+
     resolver = config.resolver
     nameservers = tuple(
         f"[{server.address}]:{server.port}" if ":" in server.address else f"{server.address}:{server.port}"
@@ -77,6 +87,9 @@ def check_settings(config: Any, args: argparse.Namespace) -> CheckSettings:
 def run_check(reactor: Any, config: Any, args: argparse.Namespace) -> int:
     """Run the audit under ``reactor`` (already installed, not yet running),
     print it, and return the exit status."""
+    from postfix_mtasts.check.audit import Auditor, CheckSetupError, normalise_domain
+    from postfix_mtasts.check.findings import Finding, exit_status, render_json, render_text
+
     try:
         domain = normalise_domain(args.domain)
         auditor = Auditor(reactor, check_settings(config, args))
@@ -116,8 +129,8 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 3600 seconds")
+    if not 0 < value <= PROBE_DEADLINE_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and {PROBE_DEADLINE_MAX:g} seconds")
     return value
 
 

@@ -30,12 +30,10 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from postfix_mtasts.check import PROBE_DEADLINE, SMTP_PORT
 from postfix_mtasts.resolver.https import VERIFY_ERRORS
 
-#: The SMTP port senders use (RFC 5321 §4.5.4.2 / RFC 8461 delivers there).
-SMTP_PORT = 25
-#: Seconds one MX host may take, connect to QUIT, before it is reported as hanging.
-PROBE_DEADLINE = 10.0
+__all__ = ["PROBE_DEADLINE", "SMTP_PORT", "SmtpProbe", "make_probe_context", "probe_smtp"]
 #: Longest reply line accepted from a server (RFC 5321 §4.5.3.1.5 says 512;
 #: real servers send longer EHLO lines, so allow some room).
 MAX_REPLY_LINE = 4096
