@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from postfix_mtasts import __version__
+from postfix_mtasts import check as check_command
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(query)
     query.add_argument("domain", help="a next-hop domain as Postfix would send it")
     query.add_argument("--profile", default="postfix", help="socketmap name / profile (default: postfix)")
+    check_command.add_check_parser(commands, common)
 
     ctl = commands.add_parser(
         "ctl", help="talk to the running daemon over its control socket",
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"postfix-mtasts: {e}", file=sys.stderr)
         return EXIT_ERROR
     logsetup.route_twisted_logs()
+    if args.command == "check":
+        return check_command.run_check(reactor, config, args)
     if args.command == "serve":
         return _serve(reactor, config, verbosity)
     return _query(reactor, config, args.domain, args.profile)
