@@ -290,6 +290,7 @@ def render_html(summary: Summary, collected: Collected) -> str:
             [[p.policy_type, p.domain, p.mode or "-", p.successful, p.failed,
               _rate(p.failed, p.successful + p.failed)] for p in summary.policies],
             "policies",
+            code_first=True,
         ),
     ]
     if summary.failures:
@@ -299,6 +300,7 @@ def render_html(summary: Summary, collected: Collected) -> str:
                 ["Result type", "Sending MTA IP", "Receiving MX", "Sessions"],
                 [[f.result_type, f.sending_mta_ip, f.receiving_mx, f.sessions] for f in summary.failures],
                 "failures",
+                code_first=True,
             ),
         ]
     if summary.failed_without_details:
@@ -327,7 +329,8 @@ def _figure(label: str, value: int | str, ident: str, tone: str = "") -> str:
     return f'<div class="figure {tone}" id="{ident}"><b>{escape(shown)}</b>{escape(label)}</div>'
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[object]], ident: str) -> str:
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[object]], ident: str,
+                code_first: bool = False) -> str:
     numeric = {i for i, h in enumerate(headers) if h in ("Reports", "Successful", "Failed", "Failed %",
                                                           "Sessions")}
     head = "".join(f'<th{" class=n" if i in numeric else ""}>{escape(h)}</th>' for i, h in enumerate(headers))
@@ -336,7 +339,7 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[object]], ident:
         cells = []
         for i, cell in enumerate(row):
             text = f"{cell:,}" if isinstance(cell, int) else str(cell)
-            css = ' class="n"' if i in numeric else (' class="type"' if i == 0 else "")
+            css = ' class="n"' if i in numeric else (' class="type"' if code_first and i == 0 else "")
             cells.append(f"<td{css}>{escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table id="{ident}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'

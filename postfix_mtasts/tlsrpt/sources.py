@@ -93,25 +93,22 @@ def read_inputs(paths: Sequence[str], stdin: BinaryIO) -> Iterator[Item]:
 
 
 def read_path(path: str) -> Iterator[Item]:
-    """Read a file, a Maildir, or every file below a directory (hidden names skipped)."""
-    if os.path.isdir(path):
-        if is_maildir(path):
-            yield from read_maildir(path)
+    """Read a file, a Maildir, or everything below a directory in name order (hidden names skipped)."""
+    if not os.path.isdir(path):
+        yield from read_file(path)
+    elif is_maildir(path):
+        yield from read_maildir(path)
+    else:
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as e:
+            yield Broken(path, f"cannot read: {e.strerror or e}")
             return
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in list(dirs):
-                full = os.path.join(root, name)
-                if name.startswith("."):
-                    dirs.remove(name)
-                elif is_maildir(full):
-                    dirs.remove(name)
-                    yield from read_maildir(full)
-            for name in sorted(files):
-                if not name.startswith("."):
-                    yield from read_file(os.path.join(root, name))
-        return
-    yield from read_file(path)
+        for name in names:
+            full = os.path.join(path, name)
+            if name.startswith(".") or (os.path.islink(full) and os.path.isdir(full)):
+                continue  # dotfiles are no reports; symlinked directories could loop
+            yield from read_path(full)
 
 
 def is_maildir(path: str) -> bool:

@@ -96,7 +96,7 @@ def mail_message(data: Report | bytes, media_type: str = "application/tlsrpt+gzi
         gz = media_type.endswith("gzip")
         payload = gzip_bytes(data) if gz else json_bytes(data)
         domain = data["policies"][0]["policy"]["policy-domain"] if data["policies"] else "example.com"
-        report_id = data["report-id"]
+        report_id = data.get("report-id", "none")
         filename = filename or file_name(data, sender, gz=gz)
     message = EmailMessage()
     message["From"] = f"noreply-smtp-tls-reporting@{sender}"
