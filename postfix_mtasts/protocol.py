@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.policies import TimeoutMixin
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from postfix_mtasts import limits
 from postfix_mtasts.codec import FramingError, MalformedRequest, ReplyTooLong, socketmap, tcptable
+from postfix_mtasts.errors import log_failure
 from postfix_mtasts.policy.model import Answer, AnswerKind
 from postfix_mtasts.responder import DEFAULT_PROFILE, Responder
 
@@ -46,16 +46,18 @@ def describe_peer(address: IAddress | None) -> str:
     return f"unix:{name.decode() if isinstance(name, bytes) else name or '?'}"
 
 
-class _LookupProtocol(Protocol, TimeoutMixin):
+class _LookupProtocol(Protocol):
     """What socketmap and tcp_table share: ordering, idle timeout, errors."""
-
-    idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT
 
     def __init__(self, responder: Responder, idle_timeout: float, clock: IReactorTime | None = None) -> None:
         self.responder = responder
         self.idle_timeout = idle_timeout
-        if clock is not None:
-            self.callLater = clock.callLater  # TimeoutMixin's timer source
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        self._clock: IReactorTime = clock
+        self._idle_call: IDelayedCall | None = None
         # Each slot is a one-element list: the encoded reply, or None while
         # its lookup is still running.
         self._pending: deque[list[bytes | None]] = deque()
@@ -78,26 +80,46 @@ class _LookupProtocol(Protocol, TimeoutMixin):
         return describe_peer(self.transport.getPeer() if self.transport else None)
 
     def connectionMade(self) -> None:
-        self.setTimeout(self.idle_timeout)
+        self._arm_idle_timer()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
-        self.setTimeout(None)
         self._pending.clear()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
 
-    def timeoutConnection(self) -> None:
+    def _arm_idle_timer(self) -> None:
+        """(Re)start the idle countdown: on connect, each request and each reply."""
+        call = self._idle_call
+        if call is not None and call.active():
+            call.reset(self.idle_timeout)
+        else:
+            self._idle_call = self._clock.callLater(self.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        if self._closed:
+            return
         if self._pending:
-            # A lookup is still running; not idle. The timer has fired, so
-            # resetTimeout() would do nothing: arm a new one.
-            self.setTimeout(self.idle_timeout)
+            self._arm_idle_timer()  # a lookup is still running: not idle
             return
         log.debug("%s: closing idle connection after %gs", self.peer, self.idle_timeout)
+        self._close()
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def _close(self) -> None:
+        self._closed = True
+        assert self.transport is not None
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed or self._draining:
             return
-        self.resetTimeout()
+        self._arm_idle_timer()
         try:
             events = self.decode(data)
         except FramingError as e:
@@ -120,19 +142,17 @@ class _LookupProtocol(Protocol, TimeoutMixin):
                     result = Answer.temp("internal error")
             self._queue(result)
         if self._draining and not self._pending:
-            self._closed = True
-            self.transport.loseConnection()
+            self._close()
 
     def _abandon(self, why: str) -> None:
         log.info("%s: closing connection: %s", self.peer, why)
-        self._closed = True
         self._pending.clear()
-        self.transport.loseConnection()
+        self._close()
 
     def _queue(self, result: Answer | Deferred[Answer]) -> None:
         if not isinstance(result, Deferred):
             if not self._pending:
-                self.transport.write(self._encode_safely(result))
+                self._write(self._encode_safely(result))
             else:
                 self._pending.append([self._encode_safely(result)])
             return
@@ -142,8 +162,7 @@ class _LookupProtocol(Protocol, TimeoutMixin):
         result.addCallback(self._completed, slot)
 
     def _internal_error(self, failure: Failure) -> Answer:
-        log.error("%s: internal error during lookup: %s", self.peer, failure.getErrorMessage(),
-                  exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+        log_failure(log, f"{self.peer}: internal error during lookup", failure)
         return Answer.temp("internal error")
 
     def _completed(self, answer: Answer, slot: list[bytes | None]) -> None:
@@ -154,10 +173,10 @@ class _LookupProtocol(Protocol, TimeoutMixin):
         while pending and pending[0][0] is not None:
             reply = pending.popleft()[0]
             assert reply is not None
-            self.transport.write(reply)
+            self._write(reply)
+        self._arm_idle_timer()
         if self._draining and not pending:
-            self._closed = True
-            self.transport.loseConnection()
+            self._close()
 
     def _encode_safely(self, answer: Answer) -> bytes:
         try:
@@ -230,7 +249,7 @@ class SocketmapFactory(Factory):
         self.idle_timeout = idle_timeout
         self.clock = clock
 
-    def buildProtocol(self, addr: IAddress) -> SocketmapProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SocketmapProtocol:
         protocol = SocketmapProtocol(self.responder, self.idle_timeout, self.clock)
         protocol.factory = self
         return protocol
@@ -251,7 +270,7 @@ class TcpTableFactory(Factory):
         self.profile = profile
         self.clock = clock
 
-    def buildProtocol(self, addr: IAddress) -> TcpTableProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> TcpTableProtocol:
         protocol = TcpTableProtocol(self.responder, self.idle_timeout, self.profile, self.clock)
         protocol.factory = self
         return protocol

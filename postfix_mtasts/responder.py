@@ -54,11 +54,11 @@ class Responder:
         if not isinstance(decision, Resolve):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%r: not found without lookup (%s)", key, decision.reason)
-            answer = Answer.notfound(decision.reason)
-            self.lookup.stats.count_skip(answer)
-            return answer
+            skipped = Answer.notfound(decision.reason)
+            self.lookup.stats.count_skip(skipped)
+            return skipped
         enforce_testing = profile.enforce_testing
-        answer = self.lookup.answer_now(decision.domain, enforce_testing)
-        if answer is not None:
-            return answer
+        cached = self.lookup.answer_now(decision.domain, enforce_testing)
+        if cached is not None:
+            return cached
         return Deferred.fromCoroutine(self.lookup.lookup(decision.domain, enforce_testing))

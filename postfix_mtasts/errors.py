@@ -1,0 +1,27 @@
+"""Reporting the errors nobody expected: one ERROR line, with the traceback.
+
+Expected failures (bad input, unreachable servers) are logged as one plain
+line where they happen; this is only for bugs, so the traceback is wanted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
+
+
+def log_failure(logger: logging.Logger, what: str, failure: Failure) -> None:
+    """Log ``failure`` under ``what`` with its traceback."""
+    value = failure.value
+    traceback = failure.getTracebackObject()  # type: ignore[no-untyped-call]
+    if isinstance(value, BaseException):
+        logger.error("%s: %s", what, failure.getErrorMessage(), exc_info=(type(value), value, traceback))
+    else:
+        logger.error("%s: %s", what, failure.getErrorMessage())
+
+
+def is_cancellation(failure: Failure) -> bool:
+    """True when ``failure`` is only a cancelled Deferred."""
+    return isinstance(failure.value, CancelledError)
