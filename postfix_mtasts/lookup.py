@@ -17,13 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from postfix_mtasts import limits
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source, StoreUnavailable
 from postfix_mtasts.cache.front import MemoryFront
+from postfix_mtasts.errors import is_cancellation, log_failure
 from postfix_mtasts.policy.answer import policy_answer
 from postfix_mtasts.policy.model import Answer, AnswerKind, Mode
 from postfix_mtasts.resolver import (
@@ -143,8 +144,23 @@ class PolicyLookup:
 
     # --- life cycle --------------------------------------------------------
 
-    async def start(self) -> int:
-        """Warm the front from the store; returns how many entries were loaded."""
+    async def start(self, *, warm_in_background: bool = False) -> int:
+        """Start background work and warm the front from the store.
+
+        Returns how many entries were loaded. With ``warm_in_background`` the
+        daemon can listen at once: until the front is warm, a lookup that
+        misses it reads the store, which is just as correct, only slower.
+        """
+        self._schedule(self.settings.refresh_scan_interval, self._refresh_due)
+        self._schedule(PRUNE_INTERVAL, self._prune)
+        self._schedule(TOUCH_FLUSH_INTERVAL, self._flush_touched)
+        if warm_in_background:
+            self._spawn(self._warm_up())
+            return 0
+        return await self._warm_up()
+
+    async def _warm_up(self) -> int:
+        started = self.reactor.seconds()
         try:
             entries = await self.store.load(self.settings.memory_entries)
         except StoreUnavailable as e:
@@ -154,13 +170,14 @@ class PolicyLookup:
             entries = []
         now = self.reactor.seconds()
         loaded = 0
-        for entry in reversed(entries):  # most recently used last = most recent in LRU
-            if entry.in_force(now):
+        # Most recently used last, so it ends up most recent in the LRU. An
+        # entry a lookup already put in memory meanwhile is newer: keep it.
+        for entry in reversed(entries):
+            if entry.in_force(now) and entry.domain not in self.front:
                 self._remember(entry)
                 loaded += 1
-        self._schedule(self.settings.refresh_scan_interval, self._refresh_due)
-        self._schedule(PRUNE_INTERVAL, self._prune)
-        self._schedule(TOUCH_FLUSH_INTERVAL, self._flush_touched)
+        log.info("cache %s: %d entries loaded into memory in %.2fs",
+                 self.store.name, loaded, self.reactor.seconds() - started)
         return loaded
 
     async def stop(self) -> None:
@@ -196,8 +213,8 @@ class PolicyLookup:
 
         def done(result: Any) -> None:
             self._background.discard(d)
-            if isinstance(result, Failure) and not result.check(CancelledError):
-                _log_failure("background task failed", result)
+            if isinstance(result, Failure) and not is_cancellation(result):
+                log_failure(log, "background task failed", result)
             return None
 
         d.addBoth(done)
@@ -329,8 +346,8 @@ class PolicyLookup:
             self._inflight.pop(domain, None)
             self._inflight_since.pop(domain, None)
             if isinstance(result, Failure):
-                if not result.check(CancelledError):
-                    _log_failure(f"{domain}: resolution failed unexpectedly", result)
+                if not is_cancellation(result):
+                    log_failure(log, f"{domain}: resolution failed unexpectedly", result)
                 return _FailedValue(result)
             return result
 
@@ -601,11 +618,6 @@ class _FailedValue:
         self.failure = failure
 
 
-def _log_failure(what: str, failure: Failure) -> None:
-    log.error("%s: %s", what, failure.getErrorMessage(),
-              exc_info=(failure.type, failure.value, failure.getTracebackObject()))
-
-
 def _durable_fields(entry: CacheEntry) -> tuple[Any, ...]:
     """What must reach the store; checked_at and last_used alone may lag."""
     return (entry.source, entry.policy_id, entry.policy, entry.fetched_at, entry.expires_at,
@@ -618,11 +630,16 @@ def _stamp(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-async def _quiet(d: Deferred[Any]) -> Any:
+async def _quiet(d: Deferred[Any]) -> None:
     """Await ``d`` without adding it a second consumer that could cancel it."""
-    waiter: Deferred[Any] = Deferred()
-    d.addBoth(lambda r: (waiter.callback(None), r)[1])
-    return await waiter
+    waiter: Deferred[None] = Deferred()
+
+    def relay(result: object) -> object:
+        waiter.callback(None)
+        return result
+
+    d.addBoth(relay)
+    await waiter
 
 
 async def _sleep(reactor: IReactorTime, seconds: float) -> None:
