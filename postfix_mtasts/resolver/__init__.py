@@ -4,7 +4,7 @@ file (HTTPS). The result types here are plain values; the lookup decides."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol
 
 from postfix_mtasts.policy.model import Policy
 
@@ -39,7 +39,7 @@ class TxtFailed:
     reason: str
 
 
-TxtResult = Union[TxtFound, TxtAbsent, TxtFailed]
+TxtResult = TxtFound | TxtAbsent | TxtFailed
 
 
 class FailureCategory:
@@ -68,7 +68,7 @@ class FetchFailed:
     trace: tuple[str, ...] = field(default=())
 
 
-FetchResult = Union[FetchOK, FetchFailed]
+FetchResult = FetchOK | FetchFailed
 
 
 class TxtResolver(Protocol):
