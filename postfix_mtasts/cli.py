@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any
 
-from postfix_mtasts import __version__
+from postfix_mtasts import __version__, tlsrpt
 from postfix_mtasts import check as check_command
 
 EXIT_OK = 0
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("domain", help="a next-hop domain as Postfix would send it")
     query.add_argument("--profile", default="postfix", help="socketmap name / profile (default: postfix)")
     check_command.add_check_parser(commands, common)
+    tlsrpt.add_parser(commands)
 
     ctl = commands.add_parser(
         "ctl", help="talk to the running daemon over its control socket",
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":  # plain synchronous Python: no config, no reactor
+        return tlsrpt.main(args)
     from postfix_mtasts.config import ConfigError, load_config
 
     if args.command == "ctl" and args.socket:
