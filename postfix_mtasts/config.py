@@ -196,6 +196,26 @@ class Profile:
 
     #: Answer policies in testing mode as if they were in enforce mode.
     enforce_testing: bool = False
+    #: Postfix 3.10+: add the TLSRPT attributes (policy_type, policy_domain,
+    #: mx_host_pattern, policy_string) to MTA-STS answers.
+    tlsrpt: bool = False
+    #: Postfix 3.10+: answer a domain whose promised policy cannot be fetched
+    #: or validated with policy_failure=... (Postfix defers its mail and
+    #: reports the failure) instead of "not found" (delivery without MTA-STS).
+    tlsrpt_policy_failure: bool = False
+    #: For a Postfix doing DANE (smtp_dns_support_level = dnssec): TLSA
+    #: records proven by DNSSEC take precedence over an MTA-STS answer.
+    dane: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DaneConfig:
+    """The validating resolver behind the profiles' ``dane = true``."""
+
+    #: DNSSEC-validating resolvers trusted to set the AD bit; required when a
+    #: profile sets ``dane = true``.
+    nameservers: tuple[Nameserver, ...] = ()
+    timeout: float = limits.DNS_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +258,7 @@ class Config:
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     profiles: Mapping[str, Profile] = field(default_factory=_default_profiles)
+    dane: DaneConfig = field(default_factory=DaneConfig)
     log: LogConfig = field(default_factory=LogConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -603,6 +624,7 @@ class _Reader:
             "resolver",
             "policy",
             "profiles",
+            "dane",
             "log",
             "control",
             "metrics",
@@ -615,6 +637,7 @@ class _Reader:
             resolver=self.resolver(self.subtable(data, "resolver", "")),
             policy=self.policy(self.subtable(data, "policy", "")),
             profiles=self.profiles(self.subtable(data, "profiles", "")),
+            dane=self.dane(self.subtable(data, "dane", "")),
             log=self.log(self.subtable(data, "log", "")),
             control=self.control(self.subtable(data, "control", "")),
             metrics=self.metrics(self.subtable(data, "metrics", "")),
@@ -622,6 +645,7 @@ class _Reader:
             source=self.source,
         )
         self.check_distinct_addresses(config)
+        self.check_dane_resolver(config)
         return config
 
     def listen(self, data: Mapping[str, object]) -> ListenConfig:
@@ -809,8 +833,21 @@ class _Reader:
             prefix = f"profiles.{name}"
             section = self.subtable(data, name, "profiles")
             self.table(section, prefix, tuple(Profile.__dataclass_fields__))
-            profiles[name] = Profile(enforce_testing=self.boolean(section, "enforce_testing", prefix, False))
+            profiles[name] = Profile(
+                enforce_testing=self.boolean(section, "enforce_testing", prefix, False),
+                tlsrpt=self.boolean(section, "tlsrpt", prefix, False),
+                tlsrpt_policy_failure=self.boolean(section, "tlsrpt_policy_failure", prefix, False),
+                dane=self.boolean(section, "dane", prefix, False),
+            )
         return MappingProxyType(profiles)
+
+    def dane(self, data: Mapping[str, object]) -> DaneConfig:
+        prefix = "dane"
+        self.table(data, prefix, ("nameservers", "timeout"))
+        return DaneConfig(
+            nameservers=self.items(data, "nameservers", prefix, _parse_nameserver, "127.0.0.1"),
+            timeout=self.seconds(data, "timeout", prefix, limits.DNS_TIMEOUT, 0, above=True),
+        )
 
     def log(self, data: Mapping[str, object]) -> LogConfig:
         prefix = "log"
@@ -859,6 +896,17 @@ class _Reader:
                 f"must be a user name like \"postfix-mtasts\" or empty, got {_show(user)}",
             )
         return ServiceConfig(user=user)
+
+    def check_dane_resolver(self, config: Config) -> None:
+        """DANE answers are only as good as the resolver that validates them:
+        never fall back to an unnamed (resolv.conf) one."""
+        users = sorted(name for name, profile in config.profiles.items() if profile.dane)
+        if users and not config.dane.nameservers:
+            raise self.fail(
+                "dane.nameservers",
+                f"must name the DNSSEC-validating resolver, e.g. [\"127.0.0.1\"], "
+                f"since profiles.{users[0]}.dane is true",
+            )
 
     def check_distinct_addresses(self, config: Config) -> None:
         """Two listeners on one address would fail at bind time with a worse message."""

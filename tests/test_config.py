@@ -165,6 +165,8 @@ GOOD: list[tuple[str, Any, Any]] = [
     ("policy.refresh_jitter", 0, 0.0),
     ("policy.refresh_idle_limit", 86400, 86400.0),
     ("policy.bracketed_next_hop", "host", "host"),
+    ("dane.nameservers", ["127.0.0.1:5353", "::1"], (Nameserver("127.0.0.1", 5353), Nameserver("::1"))),
+    ("dane.timeout", 2.5, 2.5),
     ("log.level", "debug", "debug"),
     ("log.syslog", True, True),
     ("control.socket", "/run/mtasts/ctl.sock", "/run/mtasts/ctl.sock"),
@@ -254,6 +256,29 @@ def test_profiles() -> None:
     assert set(config.profiles) == {"postfix", "other"}
 
 
+def test_profile_reporting_and_dane_switches() -> None:
+    config = parse_config(
+        "[profiles.report]\ntlsrpt = true\ntlsrpt_policy_failure = true\n"
+        "[profiles.dane]\ndane = true\nenforce_testing = true\n"
+        '[dane]\nnameservers = ["127.0.0.1:8053"]\ntimeout = 3\n'
+    )
+    assert dict(config.profiles) == {
+        "postfix": Profile(),
+        "report": Profile(tlsrpt=True, tlsrpt_policy_failure=True),
+        "dane": Profile(enforce_testing=True, dane=True),
+    }
+    assert (config.dane.nameservers, config.dane.timeout) == ((Nameserver("127.0.0.1", 8053),), 3.0)
+
+
+def test_dane_profile_needs_the_validating_resolver() -> None:
+    assert error_of("[profiles.b]\ndane = true\n[profiles.a]\ndane = true\n") == (
+        f'{SOURCE}: dane.nameservers: must name the DNSSEC-validating resolver, e.g. ["127.0.0.1"], '
+        "since profiles.a.dane is true"
+    )
+    # Named but unused is fine: the section only matters to dane profiles.
+    assert parse_config('[dane]\nnameservers = ["127.0.0.1"]\n').profiles["postfix"].dane is False
+
+
 @pytest.mark.parametrize("name", ["a b", "x" * 65, "é", "a.b", ""])
 def test_bad_profile_names(name: str) -> None:
     message = error_of(f'[profiles."{name}"]\n')
@@ -314,6 +339,12 @@ BAD: list[tuple[str, Any]] = [
     ("policy.bracketed_next_hop", "yes"),
     ("profiles.postfix.enforce_testing", "true"),
     ("profiles.strict.enforce_testing", 1),
+    ("profiles.postfix.tlsrpt", "yes"),
+    ("profiles.postfix.tlsrpt_policy_failure", 1),
+    ("profiles.postfix.dane", "true"),
+    ("dane.nameservers", "127.0.0.1"),
+    ("dane.nameservers", ["unbound.local"]),
+    ("dane.timeout", 0),
     ("log.level", "warn"),
     ("log.level", "INFO"),
     ("log.syslog", "yes"),
@@ -435,6 +466,8 @@ def test_integer_beyond_python_digit_limit_is_one_line() -> None:
             "[profiles.strict]\nenforce_test = true\n",
             "unknown key profiles.strict.enforce_test (did you mean enforce_testing?)",
         ),
+        ("[profiles.x]\ntls_rpt = true\n", "unknown key profiles.x.tls_rpt (did you mean tlsrpt?)"),
+        ("[dane]\nnameserver = []\n", "unknown key dane.nameserver (did you mean nameservers?)"),
         ("[log]\nlevl = 'info'\n", "unknown key log.levl (did you mean level?)"),
         ("[control]\nsocket_mode = '0660'\n", "unknown key control.socket_mode (did you mean socket?)"),
         ("[metrics]\nlistens = ''\n", "unknown key metrics.listens (did you mean listen?)"),
@@ -521,6 +554,7 @@ def test_example_file_uncommented_gives_the_defaults() -> None:
             Config().resolver,
             Config().policy,
             Profile(),
+            Config().dane,
             Config().log,
             Config().control,
             Config().metrics,
