@@ -35,7 +35,9 @@ class CacheEntry:
     A FETCHED entry is in force until ``expires_at`` (``fetched_at`` plus the
     policy's max_age), whatever DNS or HTTPS say meanwhile. ``failed_id`` and
     ``retry_at`` remember a failed fetch so that it is not retried before the
-    back-off, also when an older policy stays in force.
+    back-off, also when an older policy stays in force. ``failure_category``
+    is the TLSRPT result type of that failed fetch (a FailureCategory value;
+    empty when no policy was promised, e.g. DNS failed).
     """
 
     domain: str
@@ -50,6 +52,7 @@ class CacheEntry:
     retry_at: float = 0.0
     failure: str = ""
     last_used: float = 0.0
+    failure_category: str = ""
 
     def in_force(self, now: float) -> bool:
         """True while this entry may still answer lookups."""
@@ -72,6 +75,7 @@ class CacheEntry:
             "failed_id": self.failed_id,
             "retry_at": self.retry_at,
             "failure": self.failure,
+            "failure_category": self.failure_category,
             "last_used": self.last_used,
         }
         if self.policy is not None:
@@ -110,6 +114,8 @@ class CacheEntry:
                 retry_at=float(doc["retry_at"]),
                 failure=str(doc["failure"]),
                 last_used=float(doc["last_used"]),
+                # Absent from entries stored before the field existed.
+                failure_category=str(doc.get("failure_category", "")),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
             raise ValueError(f"malformed cache entry: {e}") from e
