@@ -68,12 +68,13 @@ def _rate(failed: int, total: int) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = (),
-          width: int = TERMINAL_WIDTH) -> list[str]:
-    """Align ``rows`` under ``headers`` within ``width``, cutting the widest cells with an ellipsis."""
+          width: int = TERMINAL_WIDTH, keep: Sequence[int] = ()) -> list[str]:
+    """Align ``rows`` under ``headers`` within ``width``, cutting the widest cells with an ellipsis;
+    numeric columns and those in ``keep`` (addresses, result types) are never cut."""
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    floor = [max(MIN_COLUMN_WIDTH, len(h)) if i not in numeric else w
+    floor = [w if i in numeric or i in keep else max(MIN_COLUMN_WIDTH, len(h))
              for i, (h, w) in enumerate(zip(headers, widths, strict=True))]
     while sum(widths) + len(COLUMN_GAP) * (len(widths) - 1) > width:
         candidates = [i for i, w in enumerate(widths) if w > floor[i]]
@@ -115,14 +116,14 @@ def render_text(summary: Summary, collected: Collected, width: int = TERMINAL_WI
         ["Type", "Domain", "Mode", "Successful", "Failed", "Failed %"],
         [[p.policy_type, p.domain, p.mode or "-", f"{p.successful:,}", f"{p.failed:,}",
           _rate(p.failed, p.successful + p.failed)] for p in summary.policies],
-        numeric=(3, 4, 5), width=width,
+        numeric=(3, 4, 5), width=width, keep=(0, 2),
     )
     if summary.failures:
         out += ["", "Failures"]
         out += table(
             ["Result type", "Sending MTA IP", "Receiving MX", "Sessions"],
             [[f.result_type, f.sending_mta_ip, f.receiving_mx, f"{f.sessions:,}"] for f in summary.failures],
-            numeric=(3,), width=width,
+            numeric=(3,), width=width, keep=(0, 1),
         )
     if summary.failed_without_details:
         out += ["", f"{summary.failed_without_details:,} failed sessions came without failure details."]
@@ -260,6 +261,7 @@ def render_html(summary: Summary, collected: Collected) -> str:
     first = min((r.start for r in summary.reporters), default=None)
     last = max((r.end for r in summary.reporters), default=None)
     span = f"{_when(first)} to {_when(last)} UTC" if first and last else "no reports"
+    tone = "bad" if summary.failed else "ok"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -272,8 +274,8 @@ def render_html(summary: Summary, collected: Collected) -> str:
         _figure("reports", summary.reports, "report-count"),
         _figure("sessions", total, "session-count"),
         _figure("successful", summary.successful, "successful-count", "ok"),
-        _figure("failed", summary.failed, "failed-count", "bad" if summary.failed else "ok"),
-        _figure("failed", _rate(summary.failed, total), "failed-rate", "bad" if summary.failed else "ok"),
+        _figure("failed", summary.failed, "failed-count", tone),
+        _figure("failure rate", _rate(summary.failed, total), "failed-rate", tone),
         "</div>",
         "<h2>Sessions per day</h2>",
         chart_svg(summary.days),
