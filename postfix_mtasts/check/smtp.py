@@ -20,7 +20,7 @@ from cryptography import x509
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import CertificateError, VerificationError
-from service_identity.cryptography import verify_certificate_hostname
+from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -360,7 +360,10 @@ class _ProbeTLS:
                 leaf = certificate.to_cryptography()
                 probe.certificate = leaf
                 try:
-                    verify_certificate_hostname(leaf, probe.host)
+                    if _is_ip(probe.host):
+                        verify_certificate_ip_address(leaf, probe.host)
+                    else:
+                        verify_certificate_hostname(leaf, probe.host)
                 except (VerificationError, CertificateError):
                     problem = f"certificate not valid for {probe.host} (names: {certificate_names(leaf)})"
                     if problem not in probe.certificate_problems:
