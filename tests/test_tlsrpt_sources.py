@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -223,3 +224,18 @@ def test_collect_counts_a_report_read_twice_once(tmp_path: Path) -> None:
     assert [(d.source, d.first_source) for d in collected.duplicates] == [
         (str(tmp_path / "b.json.gz"), str(tmp_path / "a.json"))
     ]
+
+
+def test_an_unreadable_maildir_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    maildir = samples.write_maildir(tmp_path / "Maildir", cur=[samples.mail_message(one_day(1))])
+    real_listdir = os.listdir  # root ignores chmod, so refuse the listing here
+
+    def listdir(path: str) -> list[str]:
+        if path.endswith("/new"):
+            raise PermissionError(13, "Permission denied")
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    items = list(read_path(str(maildir)))
+    assert broken(items) == [(str(maildir / "new"), "cannot read: Permission denied")]
+    assert found_ids(items) == ["google.com-1"]

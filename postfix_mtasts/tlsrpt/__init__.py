@@ -52,7 +52,10 @@ def main(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO 
     """Run the report command for parsed ``args``; returns the exit status."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
-    collected = collect(read_inputs(list(args.paths), sys.stdin.buffer))
+    paths = list(args.paths)
+    if (not paths or "-" in paths) and sys.stdin.isatty():
+        print(f"{PROG}: reading a report from standard input (end with Ctrl-D)", file=err)
+    collected = collect(read_inputs(paths, sys.stdin.buffer))
     _tell_problems(collected, err)
     if not collected.found:
         print(f"{PROG}: no TLS report could be read", file=err)

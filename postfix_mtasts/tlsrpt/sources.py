@@ -119,7 +119,12 @@ def read_maildir(path: str) -> Iterator[Item]:
     """Read the delivered messages of a Maildir (new/ and cur/; tmp/ is mail still being written)."""
     for sub in MAILDIR_MAIL_SUBDIRS:
         folder = os.path.join(path, sub)
-        for name in sorted(os.listdir(folder)):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as e:
+            yield Broken(folder, f"cannot read: {e.strerror or e}")
+            continue
+        for name in names:
             full = os.path.join(folder, name)
             if name.startswith(".") or not os.path.isfile(full):
                 continue
