@@ -170,3 +170,20 @@ def test_the_html_page_renders_in_headless_chromium(reports: Path, tmp_path: Pat
     taken = _chromium("--window-size=1100,1500", f"--screenshot={shot}", url, profile=tmp_path / "profile2")
     assert taken.returncode == 0, taken.stderr
     assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and shot.stat().st_size > 20_000
+
+
+def test_the_report_package_is_plain_python(tmp_path: Path) -> None:
+    """Reading reports needs no reactor: importing and running it loads no Twisted or network code."""
+    path = tmp_path / "r.json"
+    path.write_bytes(samples.json_bytes(day_report(1)))
+    program = (
+        "import argparse, io, sys\n"
+        "import postfix_mtasts.tlsrpt as t\n"
+        f"code = t.main(argparse.Namespace(paths=[{str(path)!r}], json=True, csv=False, html=None),"
+        " stdout=io.StringIO())\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('twisted', 'treq', 'dns', 'asyncio'))\n"
+        "print(code, ','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            timeout=CHILD_DEADLINE, check=True)
+    assert result.stdout.strip() == "0"
