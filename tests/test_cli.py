@@ -96,7 +96,7 @@ async def test_serve_on_an_address_in_use_fails_with_one_error_line(tmp_path: Pa
             f'[cache]\nbackend = "sqlite"\npath = "{tmp_path}/cache.db"\n'
         )
 
-        result = await run_cli(reactor(), "serve", "--config", str(config))
+        result = await run_cli(reactor(), "serve", "--config", str(config), private_directory=tmp_path)
 
     assert result.code == 1, result
     assert_no_traceback(result.stderr)

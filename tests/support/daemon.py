@@ -15,9 +15,12 @@ Usage::
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,24 +56,45 @@ EXIT_TIMEOUT = 20.0
 POLL_INTERVAL = 0.05
 #: How long one socketmap or tcp_table exchange may take before the test fails.
 CLIENT_TIMEOUT = 20.0
+#: Ports free_port() picks from: below Linux's default ephemeral range (32768-60999).
+FREE_PORT_RANGE = (20_000, 32_767)
+PORT_ATTEMPTS = 50
 #: Where Debian installs postmap.
 POSTMAP = "/usr/sbin/postmap"
 #: Environment variables that change how the daemon logs (journal format, syslog).
 _LOGGING_VARIABLES = ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")
+#: systemd's directory variables; the tests point them at private directories so
+#: that defaults (control socket, SQLite file) never land in /run or /var/lib.
+_DIRECTORY_VARIABLES = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY")
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now (it may be taken
-    again before the caller binds it; tests accept that small race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 nobody listens on right now.
+
+    Drawn at random below the kernel's ephemeral range, where the port-0
+    listeners of the test servers (here and in parallel test runs) never land;
+    it may still be taken before the caller binds it, a race tests accept.
+    """
+    for _ in range(PORT_ATTEMPTS):
+        port = random.randint(*FREE_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {FREE_PORT_RANGE} after {PORT_ATTEMPTS} attempts")
 
 
-def daemon_environment() -> dict[str, str]:
-    """The test's environment, minus what would make the child log elsewhere."""
-    environment = {k: v for k, v in os.environ.items() if k not in _LOGGING_VARIABLES}
+def daemon_environment(runtime_directory: str = "", state_directory: str = "") -> dict[str, str]:
+    """The test's environment, minus what would make the child log elsewhere,
+    with systemd's RUNTIME_DIRECTORY and STATE_DIRECTORY when given."""
+    dropped = _LOGGING_VARIABLES + _DIRECTORY_VARIABLES
+    environment = {k: v for k, v in os.environ.items() if k not in dropped}
+    if runtime_directory:
+        environment["RUNTIME_DIRECTORY"] = runtime_directory
+    if state_directory:
+        environment["STATE_DIRECTORY"] = state_directory
     path = environment.get("PYTHONPATH", "")
     environment["PYTHONPATH"] = PROJECT_ROOT + (os.pathsep + path if path else "")
     environment["PYTHONUNBUFFERED"] = "1"
@@ -146,6 +170,9 @@ class DaemonProcess:
         self.probe = probe
         self._protocol = _ChildProtocol()
         self._transport: Any = None
+        #: The child's RUNTIME_DIRECTORY (its default control socket goes there);
+        #: short, since a unix socket path must fit in 108 bytes.
+        self.runtime_directory = tempfile.mkdtemp(prefix="mtasts-run-")
 
     @classmethod
     async def start(
@@ -163,13 +190,18 @@ class DaemonProcess:
         config_path.write_text(config_text, encoding="utf-8")
         daemon = cls(reactor, config_path, first_listener(config_text))
         daemon.spawn(args)
-        await daemon.wait_ready()
+        try:
+            await daemon.wait_ready()
+        except BaseException:
+            await daemon.close()
+            raise
         return daemon
 
     def spawn(self, args: Sequence[str] = ()) -> None:
         argv = [sys.executable, "-m", "postfix_mtasts.cli", "serve", "--config", str(self.config_path), *args]
+        environment = daemon_environment(self.runtime_directory, str(self.config_path.parent))
         self._transport = self.reactor.spawnProcess(
-            self._protocol, sys.executable, argv, env=daemon_environment(), path=PROJECT_ROOT
+            self._protocol, sys.executable, argv, env=environment, path=PROJECT_ROOT
         )
 
     @property
@@ -209,10 +241,12 @@ class DaemonProcess:
         ended = self._protocol.ended()
         ended.addTimeout(timeout, self.reactor)
         try:
-            return await ended
+            exited = await ended
         except Exception as e:
             self.kill_now()
             raise DaemonFailed(f"daemon did not exit within {timeout}s:\n{self.stderr_text()}") from e
+        shutil.rmtree(self.runtime_directory, ignore_errors=True)
+        return exited
 
     async def stop(self) -> Exited:
         """SIGTERM, wait for the exit, and insist on exit status 0."""
@@ -241,6 +275,7 @@ class DaemonProcess:
     async def close(self) -> None:
         """Make sure the child is gone (fixture teardown)."""
         if self._transport is None or self.exited is not None:
+            shutil.rmtree(self.runtime_directory, ignore_errors=True)
             return
         self.kill_now()
         await self.wait_exit()
@@ -387,11 +422,13 @@ async def postmap_query(
 # --- the command line ---------------------------------------------------------
 
 
-async def run_cli(reactor: Any, *args: str) -> CommandResult:
-    """``postfix-mtasts ARGS`` as a child process, without blocking the reactor."""
+async def run_cli(reactor: Any, *args: str, private_directory: Path | None = None) -> CommandResult:
+    """``postfix-mtasts ARGS`` as a child process, without blocking the reactor;
+    ``private_directory`` becomes its RUNTIME_DIRECTORY and STATE_DIRECTORY."""
     argv = ["-m", "postfix_mtasts.cli", *args]
+    private = "" if private_directory is None else str(private_directory)
     running: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(  # type: ignore[no-untyped-call]
-        sys.executable, argv, env=daemon_environment(), path=PROJECT_ROOT, reactor=reactor
+        sys.executable, argv, env=daemon_environment(private, private), path=PROJECT_ROOT, reactor=reactor
     )
     out, err, code = await running
     return CommandResult(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code)
