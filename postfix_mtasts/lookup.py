@@ -27,6 +27,7 @@ from postfix_mtasts.cache.front import MemoryFront
 from postfix_mtasts.errors import is_cancellation, log_failure
 from postfix_mtasts.policy.answer import policy_answer
 from postfix_mtasts.policy.model import Answer, AnswerKind, Mode
+from postfix_mtasts.policy.tlsrpt import AnswerOptions, policy_failure_answer, with_sts_attributes
 from postfix_mtasts.resolver import (
     FetchOK,
     PolicyFetcher,
@@ -34,6 +35,7 @@ from postfix_mtasts.resolver import (
     TxtFound,
     TxtResolver,
 )
+from postfix_mtasts.resolver.dane import DaneCache, dane_precedence
 from postfix_mtasts.stats import LookupStats
 
 log = logging.getLogger("postfix_mtasts.lookup")
@@ -81,12 +83,23 @@ class Resolution:
     trace: tuple[str, ...] = ()
 
 
-def entry_answer(entry: CacheEntry, enforce_testing: bool) -> Answer:
-    """What Postfix is told while ``entry`` is in force."""
+def entry_answer(entry: CacheEntry, options: bool | AnswerOptions) -> Answer:
+    """What Postfix is told while ``entry`` is in force, shaped by a profile's
+    options (a bool is ``enforce_testing`` alone)."""
+    wanted = AnswerOptions.of(options)
     if entry.source is Source.FETCHED and entry.policy is not None:
-        return policy_answer(entry.policy, enforce_testing)
+        answer = policy_answer(entry.policy, wanted.enforce_testing)
+        if wanted.tlsrpt:
+            answer, omitted = with_sts_attributes(answer, entry.domain, entry.policy, entry.policy_text)
+            if omitted:
+                log.info("%s: left out of the TLSRPT attributes: %s", entry.domain, "; ".join(omitted))
+        return answer
     if entry.source is Source.NEGATIVE:
         return Answer.notfound("no MTA-STS policy published")
+    if wanted.policy_failure and entry.failure_category:
+        failed = policy_failure_answer(entry.domain, entry.failure_category)
+        if failed is not None:
+            return failed
     return Answer.notfound(f"no usable policy: {entry.failure}")
 
 
@@ -116,8 +129,11 @@ class PolicyLookup:
         rng: random.Random | None = None,
         holder: str | None = None,
         stats: LookupStats | None = None,
+        dane: DaneCache | None = None,
     ) -> None:
         self.reactor = reactor
+        #: DANE results for profiles with ``dane``; None: DANE is not checked.
+        self.dane = dane
         self.txt_resolver = txt_resolver
         self.fetcher = fetcher
         self.store: IPolicyStore = store
@@ -222,9 +238,10 @@ class PolicyLookup:
 
     # --- answering ----------------------------------------------------------
 
-    def answer_now(self, domain: str, enforce_testing: bool) -> Answer | None:
+    def answer_now(self, domain: str, enforce_testing: bool | AnswerOptions) -> Answer | None:
         """The answer from memory if it needs no I/O at all, else None."""
-        hit = self.front.cached_answer(domain, enforce_testing)
+        wanted = AnswerOptions.of(enforce_testing)
+        hit = self.front.cached_answer(domain, wanted)
         if hit is None:
             return None
         entry, answer = hit
@@ -232,25 +249,42 @@ class PolicyLookup:
         if not entry.in_force(now) or self._recheck_due(entry, now):
             return None
         if answer is None:
-            answer = entry_answer(entry, enforce_testing)
-            self.front.remember_answer(domain, enforce_testing, answer)
+            answer = entry_answer(entry, wanted)
+            self.front.remember_answer(domain, wanted, answer)
+        if wanted.dane and self.dane is not None and answer.kind is AnswerKind.OK:
+            dane = self.dane.cached(domain)
+            if dane is None:
+                return None
+            answer = dane_precedence(answer, dane)
         self._touched[domain] = now
         self.stats.count_hit(answer)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %s (cached %s)", domain, _describe(answer), entry.source.value)
         return answer
 
-    async def lookup(self, domain: str, enforce_testing: bool = False) -> Answer:
-        """The answer for ``domain`` (an A-label), resolving when needed."""
+    async def lookup(self, domain: str, enforce_testing: bool | AnswerOptions = False) -> Answer:
+        """The answer for ``domain`` (an A-label), resolving when needed.
+
+        ``enforce_testing`` is the profile's :class:`AnswerOptions` (a bool:
+        that switch alone).
+        """
         fast = self.answer_now(domain, enforce_testing)
         if fast is not None:
             return fast
         started = self.reactor.seconds()
         answer = await self._lookup_slow(domain, enforce_testing)
+        answer = await self._dane_first(domain, enforce_testing, answer)
         self.stats.count_lookup(answer, self.reactor.seconds() - started)
         return answer
 
-    async def _lookup_slow(self, domain: str, enforce_testing: bool) -> Answer:
+    async def _dane_first(self, domain: str, options: bool | AnswerOptions, answer: Answer) -> Answer:
+        """DANE precedence (RFC 8461 §2) for a profile with ``dane``; only an
+        MTA-STS answer is checked, so domains without one cost no DNS."""
+        if self.dane is None or answer.kind is not AnswerKind.OK or not AnswerOptions.of(options).dane:
+            return answer
+        return dane_precedence(answer, await self.dane.get(domain))
+
+    async def _lookup_slow(self, domain: str, enforce_testing: bool | AnswerOptions) -> Answer:
         now = self.reactor.seconds()
         entry = self.front.get(domain)
         if entry is None or not entry.in_force(now):
@@ -423,7 +457,8 @@ class PolicyLookup:
                 # it must not answer again; "no usable policy" until the retry.
                 kept = CacheEntry(domain, Source.FAILED, expires_at=previous.retry_at, checked_at=now,
                                   failed_id=policy_id, retry_at=previous.retry_at,
-                                  failure=previous.failure, last_used=previous.last_used)
+                                  failure=previous.failure, last_used=previous.last_used,
+                                  failure_category=previous.failure_category)
             return Resolution(kept, f"fetch of policy id {policy_id} failed ({previous.failure}); "
                                     f"no retry before {_stamp(previous.retry_at)}", tuple(trace))
 
@@ -451,13 +486,14 @@ class PolicyLookup:
         retry_at = now + settings.fetch_retry_backoff
         if cached is not None:
             kept = replace(cached, checked_at=now, failed_id=policy_id, retry_at=retry_at,
-                           failure=result.reason)
+                           failure=result.reason, failure_category=result.category)
             warn = "" if cached.policy and cached.policy.mode is Mode.NONE else " (refresh failing)"
             return Resolution(kept, f"fetch of policy {policy_id} failed: {result.reason}; cached policy "
                                     f"{cached.policy_id} stays in force until "
                                     f"{_stamp(cached.expires_at)}{warn}", tuple(trace))
         entry = CacheEntry(domain, Source.FAILED, expires_at=retry_at, checked_at=now,
                            failed_id=policy_id, retry_at=retry_at, failure=result.reason,
+                           failure_category=result.category,
                            last_used=now)
         return Resolution(entry, f"fetch failed: {result.reason}", tuple(trace))
 

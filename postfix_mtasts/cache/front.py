@@ -7,7 +7,7 @@ warm hit is a dictionary lookup and nothing more.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 from postfix_mtasts.cache import CacheEntry
 from postfix_mtasts.policy.model import Answer
@@ -18,7 +18,8 @@ class _Slot:
 
     def __init__(self, entry: CacheEntry) -> None:
         self.entry = entry
-        self.answers: dict[bool, Answer] | None = None
+        # Keyed by the profile's answer options (hashable; a bool in old callers).
+        self.answers: dict[Hashable, Answer] | None = None
 
 
 class MemoryFront:
@@ -53,7 +54,9 @@ class MemoryFront:
         slot = self._slots.get(domain)
         return None if slot is None else slot.entry
 
-    def cached_answer(self, domain: str, enforce_testing: bool) -> tuple[CacheEntry, Answer | None] | None:
+    def cached_answer(
+        self, domain: str, enforce_testing: Hashable
+    ) -> tuple[CacheEntry, Answer | None] | None:
         """The entry and its precomputed answer for a profile, if any."""
         slot = self._slots.get(domain)
         if slot is None:
@@ -62,7 +65,7 @@ class MemoryFront:
         answers = slot.answers
         return slot.entry, (None if answers is None else answers.get(enforce_testing))
 
-    def remember_answer(self, domain: str, enforce_testing: bool, answer: Answer) -> None:
+    def remember_answer(self, domain: str, enforce_testing: Hashable, answer: Answer) -> None:
         slot = self._slots.get(domain)
         if slot is None:
             return
@@ -76,10 +79,12 @@ class MemoryFront:
         slot = self._slots.get(domain)
         if slot is not None:
             old = slot.entry
-            # An answer is made of the source, the policy and (for a FAILED
-            # entry) the failure; any change to these makes it stale.
+            # An answer is made of the source, the policy (and its text, for
+            # TLSRPT) and (for a FAILED entry) the failure and its category;
+            # any change to these makes it stale.
             if (old.policy is not entry.policy or old.source is not entry.source
-                    or old.failure != entry.failure):
+                    or old.failure != entry.failure or old.policy_text != entry.policy_text
+                    or old.failure_category != entry.failure_category):
                 slot.answers = None
             slot.entry = entry
             self._slots.move_to_end(domain)
