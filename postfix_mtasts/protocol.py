@@ -21,6 +21,7 @@ from postfix_mtasts import limits
 from postfix_mtasts.codec import FramingError, MalformedRequest, ReplyTooLong, socketmap, tcptable
 from postfix_mtasts.errors import log_failure
 from postfix_mtasts.policy.model import Answer, AnswerKind
+from postfix_mtasts.policy.tlsrpt import essential_answer
 from postfix_mtasts.responder import DEFAULT_PROFILE, Responder
 
 log = logging.getLogger("postfix_mtasts.protocol")
@@ -182,8 +183,21 @@ class _LookupProtocol(Protocol):
         try:
             return self.encode(answer)
         except ReplyTooLong as e:
-            log.error("%s: reply too long for the protocol (%s); answering TEMP", self.peer, e)
-            return self.encode(Answer.temp("policy answer too long for this protocol"))
+            too_long = e
+        # Drop the optional TLSRPT policy_string attributes first; match= and
+        # the rest of the policy are never shortened.
+        essential = essential_answer(answer)
+        if essential is not None:
+            try:
+                reply = self.encode(essential)
+            except ReplyTooLong as e:
+                too_long = e
+            else:
+                log.info("%s: reply too long for the protocol (%s); sent without policy_string",
+                         self.peer, too_long)
+                return reply
+        log.error("%s: reply too long for the protocol (%s); answering TEMP", self.peer, too_long)
+        return self.encode(Answer.temp("policy answer too long for this protocol"))
 
 
 class SocketmapProtocol(_LookupProtocol):
