@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from postfix_mtasts.lookup import PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop, Resolve, classify_key
+from postfix_mtasts.policy.tlsrpt import AnswerOptions
 
 log = logging.getLogger("postfix_mtasts.lookup")
 
@@ -57,8 +58,9 @@ class Responder:
             skipped = Answer.notfound(decision.reason)
             self.lookup.stats.count_skip(skipped)
             return skipped
-        enforce_testing = profile.enforce_testing
-        cached = self.lookup.answer_now(decision.domain, enforce_testing)
+        # enforce_testing, and the optional tlsrpt, tlsrpt_policy_failure and dane.
+        options = AnswerOptions.of(profile)
+        cached = self.lookup.answer_now(decision.domain, options)
         if cached is not None:
             return cached
-        return Deferred.fromCoroutine(self.lookup.lookup(decision.domain, enforce_testing))
+        return Deferred.fromCoroutine(self.lookup.lookup(decision.domain, options))
