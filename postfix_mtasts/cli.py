@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
-from postfix_mtasts import __version__, tlsrpt
-from postfix_mtasts import check as check_command
+#: systemd's socket-activation variables, copied before anything imports
+#: twisted.internet.endpoints: that import deletes LISTEN_PID and LISTEN_FDS.
+SYSTEMD_LISTEN_ENVIRONMENT = {name: value for name, value in os.environ.items() if name.startswith("LISTEN_")}
+
+from postfix_mtasts import __version__, tlsrpt  # noqa: E402
+from postfix_mtasts import check as check_command  # noqa: E402
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -197,7 +202,7 @@ def _serve(reactor: Any, config: Any, verbosity: int = 0) -> int:
 
     from postfix_mtasts.service import ReloadRefused, Service, StartupError
 
-    service = Service(reactor, config, verbosity=verbosity)
+    service = Service(reactor, config, verbosity=verbosity, listen_environment=SYSTEMD_LISTEN_ENVIRONMENT)
     outcome = {"code": EXIT_OK}
     reload_wanted = {"pending": False}
 

@@ -19,7 +19,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -152,11 +151,10 @@ class MetricsPage(Resource):
         return generate_latest(self.registry)
 
 
-async def listen(reactor: Any, endpoint: str, registry: CollectorRegistry) -> IListeningPort:
-    """Serve ``registry`` over HTTP on a Twisted endpoint description."""
+async def listen(endpoint: Any, registry: CollectorRegistry) -> IListeningPort:
+    """Serve ``registry`` over HTTP on a Twisted server endpoint."""
     site = Site(MetricsPage(registry))  # type: ignore[no-untyped-call]
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # no access log per scrape
-    server = serverFromString(reactor, endpoint)  # type: ignore[no-untyped-call]
-    port: IListeningPort = await server.listen(site)
+    port: IListeningPort = await endpoint.listen(site)
     return port

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
 from postfix_mtasts import __version__
@@ -262,7 +262,7 @@ class _TrackedSocketmapProtocol(_Tracked, SocketmapProtocol):
         self.track()
         super().connectionMade()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.untrack()
         super().connectionLost(reason)
 
@@ -272,7 +272,7 @@ class _TrackedTcpTableProtocol(_Tracked, TcpTableProtocol):
         self.track()
         super().connectionMade()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.untrack()
         super().connectionLost(reason)
 
@@ -301,6 +301,17 @@ class TrackingTcpTableFactory(TcpTableFactory):
 
 # --- the core daemon ----------------------------------------------------------------
 
+
+def listen_environment_now() -> dict[str, str]:
+    """systemd's LISTEN_* variables still in this process's environment.
+
+    Importing ``twisted.internet.endpoints`` deletes LISTEN_PID and LISTEN_FDS,
+    so the command line copies them before any such import and passes them in;
+    this is the fallback for a daemon started some other way.
+    """
+    return {name: value for name, value in os.environ.items() if name.startswith("LISTEN_")}
+
+
 #: A Postfix listener is known by what it speaks and where.
 ListenerKey = tuple[str, ListenAddress]
 
@@ -324,6 +335,8 @@ class Daemon:
     ports: list[tuple[ListenAddress, IListeningPort]] = field(default_factory=list)
     counters: ServiceCounters = field(default_factory=ServiceCounters)
     connections: ConnectionSet = field(default_factory=ConnectionSet)
+    #: systemd's LISTEN_* variables as the process received them.
+    listen_environment: Mapping[str, str] = field(default_factory=listen_environment_now)
     _listeners: dict[ListenerKey, IListeningPort] = field(default_factory=dict)
     _factories: dict[str, Factory] = field(default_factory=dict)
 
@@ -336,14 +349,13 @@ class Daemon:
             raise StartupError(f"cache ({config.cache.backend}): {e}") from e
         self.lookup = build_lookup(self.reactor, config, self.store)
         self.lookup.fetcher = TimedFetcher(self.lookup.fetcher, self.reactor, self.counters)
-        loaded = await self.lookup.start()
+        await self.lookup.start()
         self.responder = CountingResponder(
             self.lookup,
             config.profiles,
             BracketedNextHop(config.policy.bracketed_next_hop),
             counters=self.counters,
         )
-        log.info("cache %s: %d entries loaded into memory", config.cache.backend, loaded)
         socketmap_factory = TrackingSocketmapFactory(
             self.responder, config.listen.socketmap_idle_timeout, clock=self.reactor,
             connections=self.connections,
@@ -366,7 +378,7 @@ class Daemon:
     async def _listen(self, key: ListenerKey) -> None:
         kind, address = key
         try:
-            endpoint = serverFromString(self.reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
+            endpoint = server_endpoint(self.reactor, address, self.listen_environment)
             port = await endpoint.listen(self._factories[kind])
         except StartupError:
             raise
@@ -520,11 +532,14 @@ class Service:
         *,
         verbosity: int = 0,
         environ: Mapping[str, str] | None = None,
+        listen_environment: Mapping[str, str] | None = None,
     ) -> None:
         from postfix_mtasts.sdnotify import Notifier
 
         self.reactor = reactor
         self.daemon = Daemon(reactor, config)
+        if listen_environment is not None:
+            self.daemon.listen_environment = listen_environment
         self.verbosity = verbosity
         self.environ = os.environ if environ is None else environ
         self.notifier = Notifier(self.environ)
@@ -614,7 +629,8 @@ class Service:
         if self._metrics_registry is None:
             self._metrics_registry = metrics.build_registry(self)
         try:
-            port = await metrics.listen(self.reactor, endpoint_for(address), self._metrics_registry)
+            endpoint = server_endpoint(self.reactor, address, self.daemon.listen_environment)
+            port = await metrics.listen(endpoint, self._metrics_registry)
         except Exception as e:
             raise StartupError(f"cannot listen on {address} (metrics): {_one_line(e)}") from e
         self._metrics_port = port
@@ -811,8 +827,9 @@ def _user_name(uid: int) -> str:
 
 
 def endpoint_for(address: ListenAddress) -> str:
+    """The Twisted endpoint description of an inet or unix address."""
     if address.kind == "systemd":
-        return address.endpoint_description(_systemd_domain(address))
+        raise ValueError(f"{address}: a socket from systemd has no description; use server_endpoint()")
     description = address.endpoint_description()
     if address.kind == "unix":
         # A lock file lets Twisted remove the stale socket a crash left behind.
@@ -820,28 +837,40 @@ def endpoint_for(address: ListenAddress) -> str:
     return description
 
 
-def _systemd_domain(address: ListenAddress) -> str:
-    """The address family of a socket passed by systemd, read off the descriptor."""
+def server_endpoint(reactor: Any, address: ListenAddress, listen_environment: Mapping[str, str]) -> Any:
+    """A server endpoint for ``address``; a systemd socket is adopted from the descriptors passed."""
+    if address.kind != "systemd":
+        return serverFromString(reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
+    fd = inherited_descriptor(address, listen_environment)
+    sock = socket.socket(fileno=fd)
+    family = sock.family
+    kind = sock.type
+    sock.detach()  # the descriptor stays open: Twisted adopts (duplicates) it
+    if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        raise StartupError(f"{address}: the socket systemd passed is not a stream socket (use ListenStream=)")
+    return AdoptedStreamServerEndpoint(reactor, fd, family)  # type: ignore[no-untyped-call]
+
+
+def inherited_descriptor(address: ListenAddress, listen_environment: Mapping[str, str]) -> int:
+    """The descriptor systemd passed for ``address`` (sd_listen_fds(3) rules: LISTEN_PID must be ours)."""
     from twisted.python.systemd import ListenFDs
 
-    fds = ListenFDs.fromEnvironment()
+    # fromEnvironment deletes what it read; it gets a copy.
+    fds = ListenFDs.fromEnvironment(environ=dict(listen_environment))
     descriptors = fds.inheritedDescriptors()
     if address.systemd_name:
-        fd = fds.inheritedNamedDescriptors().get(address.systemd_name)
+        named = fds.inheritedNamedDescriptors()
+        fd = named.get(address.systemd_name)
         if fd is None:
-            names = ", ".join(sorted(fds.inheritedNamedDescriptors())) or "none"
+            names = ", ".join(sorted(named)) or "none"
             raise StartupError(
                 f"{address}: systemd passed no socket named {address.systemd_name!r} (names passed: {names})"
             )
-    else:
-        index = address.systemd_index or 0
-        if index >= len(descriptors):
-            raise StartupError(f"{address}: systemd passed {len(descriptors)} sockets, not {index + 1}")
-        fd = descriptors[index]
-    sock = socket.socket(fileno=fd)
-    family = sock.family
-    sock.detach()  # the descriptor stays open for Twisted to adopt
-    return {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}[family]
+        return fd
+    index = address.systemd_index or 0
+    if index >= len(descriptors):
+        raise StartupError(f"{address}: systemd passed {len(descriptors)} sockets, not {index + 1}")
+    return descriptors[index]
 
 
 def _one_line(error: BaseException) -> str:
