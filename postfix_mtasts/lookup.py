@@ -277,6 +277,18 @@ class PolicyLookup:
         self.stats.count_lookup(answer, self.reactor.seconds() - started)
         return answer
 
+    def _entry_answer(self, entry: CacheEntry, options: bool | AnswerOptions) -> Answer:
+        """:func:`entry_answer`, kept in the front when ``entry`` is the one
+        there, so the work (and any log line) happens once per entry and profile."""
+        wanted = AnswerOptions.of(options)
+        hit = self.front.cached_answer(entry.domain, wanted)
+        if hit is not None and hit[0] is entry and hit[1] is not None:
+            return hit[1]
+        answer = entry_answer(entry, wanted)
+        if hit is not None and hit[0] is entry:
+            self.front.remember_answer(entry.domain, wanted, answer)
+        return answer
+
     async def _dane_first(self, domain: str, options: bool | AnswerOptions, answer: Answer) -> Answer:
         """DANE precedence (RFC 8461 §2) for a profile with ``dane``; only an
         MTA-STS answer is checked, so domains without one cost no DNS."""
@@ -306,7 +318,7 @@ class PolicyLookup:
                              domain, self.settings.recheck_deadline)
                 except Exception:
                     pass  # logged in _resolve_shared; the cached entry stands
-            return entry_answer(entry, enforce_testing)
+            return self._entry_answer(entry, enforce_testing)
         self.stats.misses += 1
         shared = self._resolve_shared(domain)
         left = self._time_left(domain, self.settings.first_lookup_deadline)
@@ -323,7 +335,7 @@ class PolicyLookup:
             return Answer.temp(f"internal error resolving {domain}: {e}")
         entry = resolution.entry
         self._touched[domain] = self.reactor.seconds()
-        return entry_answer(entry, enforce_testing)
+        return self._entry_answer(entry, enforce_testing)
 
     def _recheck_due(self, entry: CacheEntry, now: float) -> bool:
         return (
