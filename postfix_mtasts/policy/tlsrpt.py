@@ -109,8 +109,8 @@ def unsafe_reason(value: str) -> str | None:
     found = _UNSAFE_IN_BRACES.search(value)
     if found is not None:
         char = found.group()
-        shown = char if char in "{}" else f"\\x{ord(char):02x}"
-        return f"contains {shown!r}, which Postfix's policy parser would misread"
+        what = f"'{char}'" if char in "{}" else f"control character \\x{ord(char):02x}"
+        return f"contains {what}, which Postfix's policy parser would misread"
     if len(value) > POLICY_STRING_MAX:
         return f"is longer than {POLICY_STRING_MAX} characters"
     return None
