@@ -9,6 +9,7 @@ on every MX, TLSRPT), printed as ✓ / ⚠ / ✗ lines or as JSON.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -101,8 +102,9 @@ def run_check(reactor: Any, config: Any, args: argparse.Namespace) -> int:
     async def job() -> None:
         try:
             outcome["findings"] = await auditor.audit(domain)
-        except Exception as unexpected:
+        except Exception as unexpected:  # a bug: one line, the traceback with -v
             outcome["error"] = unexpected
+            logging.getLogger("postfix_mtasts").debug("check failed", exc_info=True)
 
     def start() -> None:
         from twisted.internet.defer import Deferred
