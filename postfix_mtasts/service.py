@@ -35,6 +35,7 @@ from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop
 from postfix_mtasts.protocol import SocketmapFactory, SocketmapProtocol, TcpTableFactory, TcpTableProtocol
 from postfix_mtasts.resolver import FetchResult, PolicyFetcher
+from postfix_mtasts.resolver.dane import DaneCache, DaneResolver
 from postfix_mtasts.resolver.dns import DnsResolver
 from postfix_mtasts.resolver.https import HttpsPolicyFetcher
 from postfix_mtasts.responder import Responder
@@ -153,9 +154,19 @@ def build_resolvers(reactor: Any, config: Config) -> tuple[DnsResolver, HttpsPol
     return dns, fetcher
 
 
+def build_dane(reactor: Any, config: Config) -> DaneCache | None:
+    """The DANE checker of the ``[dane]`` section; None when no validating
+    resolver is named (the config requires one for any profile with dane)."""
+    if not config.dane.nameservers:
+        return None
+    resolver = DaneResolver(nameserver_strings(config.dane.nameservers), timeout=config.dane.timeout)
+    return DaneCache(reactor, resolver.check, config.cache.memory_entries)
+
+
 def build_lookup(reactor: Any, config: Config, store: IPolicyStore) -> PolicyLookup:
     dns, fetcher = build_resolvers(reactor, config)
-    return PolicyLookup(reactor, dns, fetcher, store, lookup_settings(config))
+    dane = build_dane(reactor, config)
+    return PolicyLookup(reactor, dns, fetcher, store, lookup_settings(config), dane=dane)
 
 
 # --- what the service counts besides LookupStats ------------------------------------
@@ -483,6 +494,9 @@ class Daemon:
             self.lookup.txt_resolver = dns
             self.lookup.fetcher = TimedFetcher(fetcher, self.reactor, self.counters)
             notes.append("resolver")
+        if new.dane != old.dane:
+            self.lookup.dane = build_dane(self.reactor, new)
+            notes.append("DANE resolver")
         if new.cache != old.cache:
             log.warning("cache settings changed: they take effect at the next restart")
         self.config = new
