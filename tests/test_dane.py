@@ -298,3 +298,12 @@ async def test_no_dane_queries_for_domains_without_mta_sts(rig: Rig) -> None:
     responder, counting, _ = rig
     assert await _socketmap(responder, "dane", f"nosts.{ZONE}") == ("NOTFOUND", "")
     assert counting.calls == Counter()
+
+
+def test_service_wires_the_configured_validating_resolver() -> None:
+    from postfix_mtasts.config import parse_config
+    from postfix_mtasts.service import build_lookup
+
+    config = parse_config('[profiles.strict]\ndane = true\n[dane]\nnameservers = ["127.0.0.1:8053"]\n')
+    assert isinstance(build_lookup(Clock(), config, MemoryStore()).dane, DaneCache)
+    assert build_lookup(Clock(), parse_config(""), MemoryStore()).dane is None
