@@ -1,0 +1,51 @@
+"""The floor for any Twisted design: a bare NetstringReceiver answering a constant.
+
+No decoding of the key, no lookup: what Twisted itself costs per socketmap
+request on the given reactor ("asyncio", which postfix-mtasts must use for
+dnspython, or "epoll").
+
+    python bench/floor.py PORT [asyncio|epoll]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+#: The same size of answer a cached enforce policy gets.
+REPLY = b"OK secure match=.mx.p000001.example:mx1.p000001.example servername=hostname"
+
+
+def main() -> int:
+    port = int(sys.argv[1])
+    kind = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
+    if kind == "asyncio":
+        from twisted.internet import asyncioreactor
+
+        asyncioreactor.install(asyncio.new_event_loop())  # type: ignore[no-untyped-call]
+    elif kind == "epoll":
+        from twisted.internet import epollreactor
+
+        epollreactor.install()  # type: ignore[no-untyped-call]
+    else:
+        raise SystemExit(f"floor: unknown reactor {kind!r}")
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    from twisted.internet.protocol import Factory
+    from twisted.protocols.basic import NetstringReceiver
+
+    class Constant(NetstringReceiver):
+        def stringReceived(self, string: bytes) -> None:
+            self.sendString(REPLY)  # type: ignore[no-untyped-call]
+
+    factory = Factory.forProtocol(Constant)
+    factory.noisy = False
+    reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=256)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Closed-loop socketmap load generator, shaped like Postfix's smtp processes.
+
+Each of N connections sends its next request only when the reply to the
+previous one has arrived. Written on raw non-blocking sockets and one epoll
+loop (no asyncio, no codec objects) so that on a 2-core machine it is not the
+bottleneck: ``python bench/loadgen.py ceiling`` measures it against a trivial
+server in another process.
+
+Run as a library (``run_closed_loop``) or from the command line::
+
+    python bench/loadgen.py ceiling --seconds 5
+    python bench/loadgen.py run --port 8461 --keys keys.txt --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+#: Connections Postfix would typically hold open to a busy policy map.
+DEFAULT_CONNECTIONS = 16
+#: Socket map name sent with every request (the daemon's default profile).
+MAP_NAME = b"postfix"
+#: Seconds a phase waits for its last replies before calling the server hung.
+DRAIN_LIMIT = 30.0
+#: Read size for replies; a reply is at most a few hundred bytes.
+RECV_SIZE = 65536
+#: The constant the trivial server answers (the size of a typical policy answer).
+TRIVIAL_REPLY = b"OK secure match=.mx.example.com:mx1.example.com servername=hostname"
+
+
+def encode(key: bytes, name: bytes = MAP_NAME) -> bytes:
+    """One socketmap request as Postfix writes it: a netstring of ``NAME key``."""
+    payload = name + b" " + key
+    return b"%d:%b," % (len(payload), payload)
+
+
+@dataclass
+class PhaseResult:
+    """What one closed-loop run measured."""
+
+    connections: int
+    seconds: float
+    lookups: int
+    lookups_per_s: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    statuses: dict[str, int] = field(default_factory=dict)
+    #: Every latency in nanoseconds, sorted (left out of :meth:`as_dict`).
+    latencies_ns: list[int] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, object]:
+        doc = asdict(self)
+        del doc["latencies_ns"]
+        return doc
+
+
+def summarise(
+    latencies_ns: list[int], seconds: float, statuses: dict[str, int], connections: int
+) -> PhaseResult:
+    """Throughput and latency percentiles of one or more runs taken together."""
+    latencies = sorted(latencies_ns)
+    ms = 1e-6
+    return PhaseResult(
+        connections=connections,
+        seconds=round(seconds, 3),
+        lookups=len(latencies),
+        lookups_per_s=round(len(latencies) / seconds, 1) if seconds else 0.0,
+        p50_ms=round(percentile(latencies, 0.50) * ms, 3),
+        p99_ms=round(percentile(latencies, 0.99) * ms, 3),
+        p999_ms=round(percentile(latencies, 0.999) * ms, 3),
+        max_ms=round((latencies[-1] if latencies else 0) * ms, 3),
+        statuses=dict(statuses),
+        latencies_ns=latencies,
+    )
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """The value below which ``fraction`` of the sorted samples lie (nearest rank)."""
+    if not sorted_values:
+        return 0.0
+    rank = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values) + 0.5) - 1))
+    return sorted_values[rank]
+
+
+def run_closed_loop(
+    port: int,
+    keys: Sequence[bytes],
+    *,
+    connections: int = DEFAULT_CONNECTIONS,
+    seconds: float | None = None,
+    total: int | None = None,
+    host: str = "127.0.0.1",
+    name: bytes = MAP_NAME,
+) -> PhaseResult:
+    """Ask ``keys`` in order (cycling) over ``connections`` closed-loop connections.
+
+    Stops after ``seconds`` (requests in flight are still waited for) or after
+    exactly ``total`` requests, whichever is given. Latency is measured from
+    the write of a request to the arrival of its complete reply.
+    """
+    if (seconds is None) == (total is None):
+        raise ValueError("give exactly one of seconds or total")
+    requests = [encode(key, name) for key in keys]
+    if not requests:
+        raise ValueError("no keys")
+    count = len(requests)
+    limit = total if total is not None else -1
+    socks: list[socket.socket] = []
+    for _ in range(connections):
+        sock = socket.create_connection((host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        socks.append(sock)
+    fds = {sock.fileno(): index for index, sock in enumerate(socks)}
+    buffers = [b""] * connections
+    sent_at = [0] * connections
+    latencies: list[int] = []
+    record = latencies.append
+    statuses: Counter[bytes] = Counter()
+    poller = select.epoll()
+    for sock in socks:
+        poller.register(sock.fileno(), select.EPOLLIN)
+    clock = time.perf_counter_ns
+    next_key = 0
+    issued = 0
+    in_flight = 0
+    started = clock()
+    deadline = started + int(seconds * 1e9) if seconds is not None else None
+    stopping = False
+
+    def send(index: int) -> None:
+        nonlocal next_key, issued, in_flight
+        request = requests[next_key]
+        next_key += 1
+        if next_key == count:
+            next_key = 0
+        sent_at[index] = clock()
+        socks[index].send(request)
+        issued += 1
+        in_flight += 1
+
+    for index in range(connections):
+        if limit >= 0 and issued >= limit:
+            break
+        send(index)
+    drain_deadline: int | None = None
+    try:
+        while in_flight:
+            events = poller.poll(1.0)
+            now = clock()
+            if not stopping and deadline is not None and now >= deadline:
+                stopping = True
+            if stopping and drain_deadline is None:
+                drain_deadline = now + int(DRAIN_LIMIT * 1e9)
+            if drain_deadline is not None and now > drain_deadline:
+                raise RuntimeError(
+                    f"{in_flight} replies still missing {DRAIN_LIMIT:g}s after the phase ended"
+                )
+            for fd, _ in events:
+                index = fds[fd]
+                data = socks[index].recv(RECV_SIZE)
+                if not data:
+                    raise RuntimeError("server closed a connection")
+                buffer = buffers[index] + data
+                # One request is outstanding per connection, so a complete
+                # buffer holds exactly one netstring.
+                colon = buffer.find(b":")
+                if colon < 0:
+                    buffers[index] = buffer
+                    continue
+                length = int(buffer[:colon])
+                end = colon + 1 + length
+                if len(buffer) < end + 1:
+                    buffers[index] = buffer
+                    continue
+                record(now - sent_at[index])
+                space = buffer.find(b" ", colon + 1, end)
+                statuses[buffer[colon + 1 : space if space >= 0 else end]] += 1
+                buffers[index] = buffer[end + 1 :]
+                in_flight -= 1
+                if not stopping and (limit < 0 or issued < limit):
+                    send(index)
+    finally:
+        poller.close()
+        for sock in socks:
+            sock.close()
+    elapsed = (clock() - started) / 1e9
+    named = {status.decode("ascii", "replace"): n for status, n in statuses.items()}
+    return summarise(latencies, elapsed, named, connections)
+
+
+def trivial_server(port: int, ready_fd: int | None = None) -> None:
+    """Answer every socketmap request with a constant, as fast as plain Python can.
+
+    Only the generator's ceiling is measured with it; it assumes one request
+    at a time per connection, as the closed-loop client sends.
+    """
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(256)
+    listener.setblocking(False)
+    reply = b"%d:%b," % (len(TRIVIAL_REPLY), TRIVIAL_REPLY)
+    poller = select.epoll()
+    poller.register(listener.fileno(), select.EPOLLIN)
+    conns: dict[int, socket.socket] = {}
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == listener.fileno():
+                conn, _ = listener.accept()
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conns[conn.fileno()] = conn
+                poller.register(conn.fileno(), select.EPOLLIN)
+                continue
+            conn = conns[fd]
+            data = conn.recv(RECV_SIZE)
+            if not data:
+                poller.unregister(fd)
+                conns.pop(fd).close()
+                continue
+            if data.endswith(b","):
+                conn.send(reply)
+
+
+def measure_ceiling(port: int, seconds: float, connections: int, cpu: int | None = None) -> PhaseResult:
+    """The generator against :func:`trivial_server` in a child process."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child never returns
+        os.close(read_end)
+        try:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+            trivial_server(port, write_end)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.read(read_end, 1)
+    os.close(read_end)
+    try:
+        return run_closed_loop(port, [b"example.com"], connections=connections, seconds=seconds)
+    finally:
+        os.kill(child, 15)
+        os.waitpid(child, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ceiling = sub.add_parser("ceiling", help="the generator against a trivial constant server")
+    ceiling.add_argument("--port", type=int, default=18499)
+    ceiling.add_argument("--seconds", type=float, default=5.0)
+    ceiling.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS)
+    run = sub.add_parser("run", help="one closed-loop phase against a running server")
+    run.add_argument("--port", type=int, required=True)
+    run.add_argument("--keys", required=True, help="file with one key per line")
+    run.add_argument("--seconds", type=float, default=5.0)
+    run.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS)
+    args = parser.parse_args(argv)
+    if args.command == "ceiling":
+        result = measure_ceiling(args.port, args.seconds, args.connections)
+    else:
+        with open(args.keys, "rb") as f:
+            keys = [line.strip() for line in f if line.strip()]
+        result = run_closed_loop(args.port, keys, connections=args.connections, seconds=args.seconds)
+    json.dump(result.as_dict(), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+#!/bin/sh
+# The benchmark in one command; see bench/README.rst. Run as root (network
+# namespace, ports 53 and 443 inside it). Arguments go to bench/bench.py,
+# e.g. --quick, --profile, --no-peer.
+set -eu
+cd "$(dirname "$0")/.."
+
+make install >/dev/null
+
+if ! command -v unbound >/dev/null 2>&1 || ! command -v unbound-control >/dev/null 2>&1; then
+    echo "bench: installing Debian's unbound (the benchmark's DNS server)" >&2
+    apt-get install -y unbound >/dev/null || { apt-get update >/dev/null && apt-get install -y unbound >/dev/null; }
+fi
+
+# The peer, postfix-mta-sts-resolver, in a venv of its own (git-ignored).
+if [ ! -x bench/.peer-venv/bin/mta-sts-daemon ]; then
+    echo "bench: installing postfix-mta-sts-resolver==1.5.1 into bench/.peer-venv" >&2
+    python3 -m venv bench/.peer-venv
+    bench/.peer-venv/bin/python -m pip install --quiet "postfix-mta-sts-resolver==1.5.1"
+fi
+
+# py-spy samples the daemon for --profile.
+case " $* " in
+    *" --profile "*)
+        [ -x .venv/bin/py-spy ] || .venv/bin/python -m pip install --quiet py-spy ;;
+esac
+
+exec .venv/bin/python bench/bench.py "$@"
