@@ -157,6 +157,7 @@ class PolicyLookup:
         self._calls: list[IDelayedCall] = []
         self._background: set[Deferred[Any]] = set()
         self._stopping = False
+        self._store_failing = False
 
     # --- life cycle --------------------------------------------------------
 
@@ -561,10 +562,21 @@ class PolicyLookup:
             return None
 
     async def _store_put(self, entry: CacheEntry) -> None:
+        """Write ``entry``; a failing store (a full disk) is logged when it starts
+        failing and when it works again, not once per new entry."""
         try:
             await self.store.put(entry)
         except StoreUnavailable as e:
-            log.error("%s: could not store the new entry (%s); keeping it in memory", entry.domain, e)
+            if self._store_failing:
+                log.debug("%s: could not store the new entry (%s)", entry.domain, e)
+                return
+            self._store_failing = True
+            log.error("%s: could not store the new entry (%s); keeping it in memory "
+                      "(further failed writes are not logged until one succeeds)", entry.domain, e)
+            return
+        if self._store_failing:
+            self._store_failing = False
+            log.info("cache %s: writes succeed again", self.store.name)
 
     def _trace(self, domain: str, resolution: Resolution) -> None:
         self._traces[domain] = (*resolution.trace, f"result: {resolution.why}")
