@@ -475,7 +475,7 @@ class PolicyLookup:
             return Resolution(kept, f"fetch of policy id {policy_id} failed ({previous.failure}); "
                                     f"no retry before {_stamp(previous.retry_at)}", tuple(trace))
 
-        adopted = await self._await_fleet(domain, previous, now)
+        adopted = await self._await_fleet(domain, previous, now, policy_id)
         if adopted is not None:
             return Resolution(adopted, "resolved by another daemon of the fleet", tuple(trace))
         try:
@@ -510,10 +510,21 @@ class PolicyLookup:
                            last_used=now)
         return Resolution(entry, f"fetch failed: {result.reason}", tuple(trace))
 
-    async def _await_fleet(self, domain: str, previous: CacheEntry | None, since: float) -> CacheEntry | None:
+    async def _await_fleet(
+        self, domain: str, previous: CacheEntry | None, since: float, policy_id: str
+    ) -> CacheEntry | None:
         """Take the fleet's lease for ``domain``, or wait for the holder's result."""
         try:
             if await self.store.acquire_lease(domain, self.holder, self.settings.lease_ttl):
+                # Another daemon may have fetched, stored and released since
+                # ``previous`` was read: take its result rather than fetch again.
+                fetched = await self._store_get(domain)
+                known = previous.fetched_at if previous is not None else 0.0
+                if (fetched is not None and fetched.source is Source.FETCHED
+                        and fetched.policy_id == policy_id and fetched.fetched_at > known
+                        and fetched.in_force(self.reactor.seconds())):
+                    await self._release_lease(domain)
+                    return fetched
                 return None
         except StoreUnavailable:
             return None

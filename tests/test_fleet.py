@@ -298,6 +298,48 @@ async def test_second_daemon_asking_mid_fetch_waits_for_the_lease_holder(
     assert not await fleet.backend.lease_taken("slow.example")
 
 
+class GatedTxt:
+    """A daemon's real TXT resolver whose answers are held until the test opens the gate."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.gate: Deferred[None] = Deferred()
+        self.asked: Deferred[None] = Deferred()
+
+    async def lookup_sts(self, domain: str) -> Any:
+        if not self.asked.called:
+            self.asked.callback(None)
+        await self.gate
+        return await self.inner.lookup_sts(domain)
+
+
+@ensure_deferred
+async def test_lookup_whose_lease_comes_after_the_whole_fetch_adopts_the_result(
+    world: World, fleet: Fleet
+) -> None:
+    # B misses the store while A is fetching, and its TXT answer is slow to
+    # come: by the time B asks for the lease, A has stored its policy and
+    # released the lease. B must take A's result, not fetch the policy again.
+    a, b = await fleet.start(), await fleet.start()
+    publish(world, "late.example", slow=True)
+    gated = GatedTxt(lookup_of(b).txt_resolver)
+    lookup_of(b).txt_resolver = gated
+
+    requested = world.https.next_request()
+    first = asking(a, "late.example")
+    await requested
+    second = asking(b, "late.example")
+    await gated.asked
+    assert await first == SECURE
+    assert not await fleet.backend.lease_taken("late.example")
+    gated.gate.callback(None)
+
+    assert await second == SECURE
+    assert fetches(world, "late.example") == 1
+    assert lookup_of(b).stats.fetches == 0
+    assert lookup_of(b).last_trace("late.example")[-1] == FLEET_RESULT
+
+
 # --- 2. what one daemon learns, all answer ----------------------------------------------
 
 
