@@ -1,8 +1,9 @@
 """Wiring: configuration in, a running daemon out.
 
-Start-up order matters: the store is opened and the in-memory front warmed
-*before* any listener accepts a connection, so after a restart cached
-policies answer at once, before any network traffic. :class:`Daemon` is that
+Start-up order matters: the store is opened *before* any listener accepts a
+connection, so after a restart cached policies answer at once, before any
+network traffic. The in-memory front warms in the background meanwhile; until
+it is warm, a lookup that misses it reads the store, which answers the same. :class:`Daemon` is that
 core (store, lookup, Postfix listeners); :class:`Service` adds what a system
 service needs around it: the control socket, metrics, systemd notification,
 reload and the privilege drop.
@@ -360,7 +361,7 @@ class Daemon:
             raise StartupError(f"cache ({config.cache.backend}): {e}") from e
         self.lookup = build_lookup(self.reactor, config, self.store)
         self.lookup.fetcher = TimedFetcher(self.lookup.fetcher, self.reactor, self.counters)
-        await self.lookup.start()
+        await self.lookup.start(warm_in_background=True)
         self.responder = CountingResponder(
             self.lookup,
             config.profiles,
