@@ -148,7 +148,8 @@ class ResilientStore:
                 return
             raise
         self._recovering = False
-        if self._closed:
+        # close() may have run while the probe was awaited; mypy cannot know.
+        if self._closed:  # type: ignore[unreachable]
             return
         self.available = True
         dropped = f", {self.dropped_writes} dropped while the queue was full" if self.dropped_writes else ""
