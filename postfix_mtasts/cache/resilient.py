@@ -149,8 +149,8 @@ class ResilientStore:
             raise
         self._recovering = False
         # close() may have run while the probe was awaited; mypy cannot know.
-        if self._closed:  # type: ignore[unreachable]
-            return
+        if self._closed:
+            return  # type: ignore[unreachable]
         self.available = True
         dropped = f", {self.dropped_writes} dropped while the queue was full" if self.dropped_writes else ""
         log.info(
