@@ -257,6 +257,7 @@ def _query(reactor: Any, config: Any, domain_text: str, profile_name: str) -> in
     from postfix_mtasts.lookup import entry_answer
     from postfix_mtasts.policy.model import AnswerKind
     from postfix_mtasts.policy.nexthop import BracketedNextHop, Resolve, classify_key
+    from postfix_mtasts.policy.tlsrpt import AnswerOptions
     from postfix_mtasts.service import build_lookup
 
     profile = config.profiles.get(profile_name)
@@ -281,7 +282,7 @@ def _query(reactor: Any, config: Any, domain_text: str, profile_name: str) -> in
         for step in resolution.trace:
             print(f"  {step}")
         print(f"result: {resolution.why}")
-        answer = entry_answer(resolution.entry, profile.enforce_testing)
+        answer = entry_answer(resolution.entry, AnswerOptions.of(profile))
         shown = answer.data if answer.kind is AnswerKind.OK else ""
         print(f"answer ({profile_name}): {answer.kind.value} {shown}".rstrip())
         return EXIT_OK if answer.kind is AnswerKind.OK else EXIT_NOT_FOUND
