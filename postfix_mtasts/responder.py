@@ -16,13 +16,17 @@ from twisted.internet.defer import Deferred
 
 from postfix_mtasts.lookup import PolicyLookup
 from postfix_mtasts.policy.model import Answer
-from postfix_mtasts.policy.nexthop import BracketedNextHop, Resolve, classify_key
+from postfix_mtasts.policy.nexthop import BracketedNextHop, Resolve, Skip, classify_key
 from postfix_mtasts.policy.tlsrpt import AnswerOptions
 
 log = logging.getLogger("postfix_mtasts.lookup")
 
 #: The profile a tcp_table listener and a bare ``socketmap:...:postfix`` use.
 DEFAULT_PROFILE = "postfix"
+#: Raw keys whose classification is remembered, so that a repeated key skips
+#: parsing (IP-literal check, IDNA, label rules). Cleared when full: the hot
+#: set of next hops refills it at once. About 200 bytes per key.
+KEY_CACHE_ENTRIES = 16_384
 
 
 class ProfileOptions(Protocol):
@@ -42,16 +46,56 @@ class Responder:
         bracketed: BracketedNextHop = BracketedNextHop.IGNORE,
     ) -> None:
         self.lookup = lookup
-        self.profiles = profiles
-        self.bracketed = bracketed
+        self._profiles = profiles
+        self._bracketed = bracketed
+        # Per profile name: the profile object and its AnswerOptions, built once.
+        self._options: dict[str, tuple[ProfileOptions, AnswerOptions]] = {}
+        self._decisions: dict[bytes, Resolve | Skip] = {}
+
+    # A reload assigns these; the caches derived from them start afresh.
+    @property
+    def profiles(self) -> Mapping[str, ProfileOptions]:
+        return self._profiles
+
+    @profiles.setter
+    def profiles(self, profiles: Mapping[str, ProfileOptions]) -> None:
+        self._profiles = profiles
+        self._options = {}
+
+    @property
+    def bracketed(self) -> BracketedNextHop:
+        return self._bracketed
+
+    @bracketed.setter
+    def bracketed(self, bracketed: BracketedNextHop) -> None:
+        self._bracketed = bracketed
+        self._decisions = {}
+
+    def _classify(self, key: bytes) -> Resolve | Skip:
+        decisions = self._decisions
+        decision = decisions.get(key)
+        if decision is None:
+            decision = classify_key(key, self._bracketed)
+            if len(decisions) >= KEY_CACHE_ENTRIES:
+                decisions.clear()
+            decisions[key] = decision
+        return decision
+
+    def _answer_options(self, profile_name: str, profile: ProfileOptions) -> AnswerOptions:
+        known = self._options.get(profile_name)
+        if known is not None and known[0] is profile:
+            return known[1]
+        options = AnswerOptions.of(profile)
+        self._options[profile_name] = (profile, options)
+        return options
 
     def respond(self, profile_name: str, key: bytes) -> Answer | Deferred[Answer]:
-        profile = self.profiles.get(profile_name)
+        profile = self._profiles.get(profile_name)
         if profile is None:
             known = ", ".join(sorted(self.profiles))
             log.warning("request for unknown map name %r (configured profiles: %s)", profile_name, known)
             return Answer.perm(f"unknown map name {profile_name!r}; configured: {known}")
-        decision = classify_key(key, self.bracketed)
+        decision = self._classify(key)
         if not isinstance(decision, Resolve):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%r: not found without lookup (%s)", key, decision.reason)
@@ -59,7 +103,7 @@ class Responder:
             self.lookup.stats.count_skip(skipped)
             return skipped
         # enforce_testing, and the optional tlsrpt, tlsrpt_policy_failure and dane.
-        options = AnswerOptions.of(profile)
+        options = self._answer_options(profile_name, profile)
         cached = self.lookup.answer_now(decision.domain, options)
         if cached is not None:
             return cached
