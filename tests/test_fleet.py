@@ -407,7 +407,7 @@ async def test_store_outage_keeps_answering_and_writes_back_what_was_learned(
     warnings = messages(caplog, logging.WARNING)
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"{backend.name} store unavailable")
-    back = [m for m in messages(caplog, logging.INFO, RESILIENT_LOGGER)]
+    back = messages(caplog, logging.INFO, RESILIENT_LOGGER)
     assert len(back) == 1, back
     assert back[0].startswith(f"{backend.name} store is back; flushed")
     assert messages(caplog, logging.ERROR) == []
