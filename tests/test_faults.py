@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 
 from postfix_mtasts.codec import socketmap as socketmap_codec
 from tests.conftest import require
 from tests.support.daemon import DaemonProcess, async_yield_fixture, ensure_deferred, free_port
 from tests.support.dns_server import LOOPBACK, DnsServer, _DnsDatagramProtocol, _DnsStreamFactory
-from tests.support.https_server import Hang
+from tests.support.https_server import Hang, HostileHttpsServer
 from tests.support.world import RawConnection, RunningDaemon, World, socketmap_query, start_daemon
 
 pytestmark = pytest.mark.integration
@@ -52,6 +53,8 @@ LEARNT_WHILE_FULL = 5
 #: connections are opened to exhaust it.
 DAEMON_FD_LIMIT = 64
 IDLE_CONNECTIONS = 120
+#: Ports tried for the DNS server that must come back on the same port.
+PORT_ATTEMPTS = 20
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +107,44 @@ async def world() -> AsyncIterator[World]:
 # --- DNS down -----------------------------------------------------------------------
 
 
-async def relisten(dns: DnsServer) -> None:
-    """Bring a stopped DNS server back on the port the daemon knows."""
+def listen_dns(dns: DnsServer, port: int) -> None:
+    """Serve ``dns`` on UDP and TCP ``port`` of 127.0.0.1 (again, after a stop)."""
     listener: Any = reactor
-    udp = listener.listenUDP(dns.port, _DnsDatagramProtocol(dns), interface=LOOPBACK)
-    tcp = listener.listenTCP(dns.port, _DnsStreamFactory(dns), interface=LOOPBACK)
-    dns._udp, dns._tcp = udp, tcp
+    udp = listener.listenUDP(port, _DnsDatagramProtocol(dns), interface=LOOPBACK)
+    try:
+        tcp = listener.listenTCP(port, _DnsStreamFactory(dns), interface=LOOPBACK)
+    except Exception:
+        udp.stopListening()
+        raise
+    dns._udp, dns._tcp, dns.port = udp, tcp, port
+
+
+@async_yield_fixture
+async def fixed_port_world() -> AsyncIterator[World]:
+    """A world whose DNS server listens below the ephemeral port range, so that
+    once stopped no client socket takes its port and it can come back on it."""
+    dns = DnsServer()
+    for _ in range(PORT_ATTEMPTS):
+        try:
+            listen_dns(dns, free_port())
+            break
+        except CannotListenError:
+            continue
+    else:
+        pytest.fail(f"no port free for a DNS server after {PORT_ATTEMPTS} attempts")
+    https = HostileHttpsServer()
+    await https.start(reactor)
+    started = World(dns, https)
+    yield started
+    await started.stop()
 
 
 @pytest.mark.parametrize("fault", ["stopped", "dropped"])
 @ensure_deferred
 async def test_dns_down_cached_policies_answer_new_domains_not_found_and_service_resumes(
-    world: World, caplog: pytest.LogCaptureFixture, fault: str
+    fixed_port_world: World, caplog: pytest.LogCaptureFixture, fault: str
 ) -> None:
+    world = fixed_port_world
     caplog.set_level(logging.DEBUG, logger="postfix_mtasts")
     for domain in ("cached.example", "new.example", "later.example"):
         publish(world, domain)
@@ -153,7 +181,7 @@ async def test_dns_down_cached_policies_answer_new_domains_not_found_and_service
         # DNS returns: a domain never asked before resolves at once, and the
         # cached one is rechecked again (its TXT queries reach the server).
         if fault == "stopped":
-            await relisten(world.dns)
+            listen_dns(world.dns, world.dns.port)
         else:
             for name in names:
                 world.dns.set_fault(name, None)
