@@ -158,6 +158,8 @@ class PolicyLookup:
         self._background: set[Deferred[Any]] = set()
         self._stopping = False
         self._store_failing = False
+        # Entries a failing store could not take, written when it works again.
+        self._unsaved: dict[str, CacheEntry] = {}
 
     # --- life cycle --------------------------------------------------------
 
@@ -574,10 +576,16 @@ class PolicyLookup:
 
     async def _store_put(self, entry: CacheEntry) -> None:
         """Write ``entry``; a failing store (a full disk) is logged when it starts
-        failing and when it works again, not once per new entry."""
+        failing and when it works again, not once per new entry.
+
+        Entries that could not be written are remembered and written with the
+        next write that succeeds, so nothing learnt during the fault is lost
+        at the next restart.
+        """
         try:
             await self.store.put(entry)
         except StoreUnavailable as e:
+            self._unsaved[entry.domain] = entry
             if self._store_failing:
                 log.debug("%s: could not store the new entry (%s)", entry.domain, e)
                 return
@@ -585,9 +593,26 @@ class PolicyLookup:
             log.error("%s: could not store the new entry (%s); keeping it in memory "
                       "(further failed writes are not logged until one succeeds)", entry.domain, e)
             return
+        self._unsaved.pop(entry.domain, None)
+        await self._write_unsaved()
+
+    async def _write_unsaved(self, also: list[CacheEntry] | None = None) -> None:
+        """Write what failed to reach the store before (plus ``also``) in one batch."""
+        batch = {entry.domain: entry for entry in also or ()}
+        for domain, entry in self._unsaved.items():
+            # The front may hold a newer entry for the domain by now.
+            batch[domain] = self.front.peek(domain) or batch.get(domain) or entry
+        if batch:
+            try:
+                await self.store.put_many(list(batch.values()))
+            except StoreUnavailable as e:
+                log.debug("could not write back %d entries (%s)", len(batch), e)
+                return
         if self._store_failing:
+            log.info("cache %s: writes succeed again; %d entries learnt meanwhile written",
+                     self.store.name, len(self._unsaved))
             self._store_failing = False
-            log.info("cache %s: writes succeed again", self.store.name)
+        self._unsaved.clear()
 
     def _trace(self, domain: str, resolution: Resolution) -> None:
         self._traces[domain] = (*resolution.trace, f"result: {resolution.why}")
@@ -605,10 +630,12 @@ class PolicyLookup:
             self.front.clear()
             self._refresh_heap.clear()
             self._refresh_queued.clear()
+            self._unsaved.clear()
             await self.store.delete_all()
             return count
         present = domain in self.front
         self.front.delete(domain)
+        self._unsaved.pop(domain, None)
         await self.store.delete(domain)
         return int(present)
 
@@ -673,11 +700,8 @@ class PolicyLookup:
                 entry = entry.touched(when)
                 self.front.put(entry)
                 updated.append(entry)
-        if updated:
-            try:
-                await self.store.put_many(updated)
-            except StoreUnavailable as e:
-                log.debug("could not write back %d last-used times (%s)", len(updated), e)
+        if updated or self._unsaved:
+            await self._write_unsaved(updated)
 
 
 class _FailedValue:

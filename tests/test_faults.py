@@ -327,11 +327,18 @@ async def test_full_disk_lookups_go_on_from_memory_error_logged_once_and_writes_
         assert all("disk is full" in line for line in errors), errors
         assert len(errors) == 1, f"one ERROR line per failed write: {errors}"
 
-        # Space returns: the next new policy is written to the file again.
+        for domain in learnt:
+            assert (await store.get(domain)) is None
+
+        # Space returns: the next new policy is written to the file again, and
+        # with it every policy learnt while the disk was full.
         caplog.clear()
         filler.unlink()
         assert await ask(daemon, "after.example") == policy_answer("after.example")
         assert (await store.get("after.example")) is not None
+        for domain in learnt:
+            stored = await store.get(domain)
+            assert stored is not None and stored.policy is not None, domain
         report("disk has space again: log lines at INFO and above", daemon_lines(caplog))
         assert not daemon_lines(caplog, logging.ERROR)
         assert [line for line in daemon_lines(caplog) if "writes succeed again" in line]
