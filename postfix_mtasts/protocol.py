@@ -91,7 +91,7 @@ class _LookupProtocol(Protocol):
         self._idle_call = None
 
     def _arm_idle_timer(self) -> None:
-        """(Re)start the idle countdown: on connect, each request and each reply."""
+        """(Re)start the idle countdown: on connect, each whole request and each reply."""
         call = self._idle_call
         if call is not None and call.active():
             call.reset(self.idle_timeout)
@@ -120,7 +120,6 @@ class _LookupProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed or self._draining:
             return
-        self._arm_idle_timer()
         try:
             events = self.decode(data)
         except FramingError as e:
@@ -128,6 +127,10 @@ class _LookupProtocol(Protocol):
             log.info("%s: closing connection: malformed request: %s", self.peer, e.reason)
             events = list(e.decoded)
             self._draining = True
+        if events:
+            # Only whole requests count as activity: a client dripping a
+            # request byte by byte is idle and gets closed like one.
+            self._arm_idle_timer()
         for event in events:
             if len(self._pending) >= MAX_PENDING_PER_CONNECTION:
                 self._abandon(f"more than {MAX_PENDING_PER_CONNECTION} requests waiting")

@@ -183,6 +183,19 @@ def test_idle_connection_closes_after_the_timeout() -> None:
     assert closed(transport)
 
 
+def test_a_request_dripped_byte_by_byte_does_not_keep_the_connection_open() -> None:
+    clock = Clock()
+    protocol, transport = connect_socketmap(ScriptedResponder({b"a.example": OK_A}), clock, idle=300)
+    request = socketmap.encode_request("postfix", b"a.example")
+    for byte in request[:-1]:
+        clock.advance(100)
+        protocol.dataReceived(bytes([byte]))
+        if closed(transport):
+            break
+    assert closed(transport)
+    assert written(transport) == b""
+
+
 def test_connection_waiting_for_a_lookup_is_not_idle() -> None:
     clock = Clock()
     slow: Deferred[Answer] = Deferred()
