@@ -125,7 +125,9 @@ async def test_correct_domain_gives_only_ok_findings(lab: Lab) -> None:
         Topic.TLSRPT,
     }
     assert the_one(findings, Topic.STS_TXT, Level.OK, f"_mta-sts.{DOMAIN}: one record, id {POLICY_ID}")
-    assert the_one(findings, Topic.POLICY_HOST_TLS, Level.OK, "certificate valid and trusted, TLSv1.")
+    # The policy host's expiry date is read from the fetcher's trace.
+    policy_tls = the_one(findings, Topic.POLICY_HOST_TLS, Level.OK, "certificate valid and trusted, TLSv1.")
+    assert ", expires " in policy_tls.message and " days)" in policy_tls.message
     assert the_one(findings, Topic.SMTP_CERTIFICATE, Level.OK, f"{MX1}: certificate valid for {MX1}")
     # The prober really spoke SMTP with STARTTLS, asking for the MX name.
     assert lab.smtp.sni_names == [MX1]
