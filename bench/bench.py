@@ -54,6 +54,10 @@ FLOOR_EPOLL_PORT = 8464
 TRIVIAL_PORT = 8499
 #: Seconds a daemon may take to accept connections before the run gives up.
 READY_LIMIT = 120.0
+#: Seconds bench/hotpath.py may take.
+HOTPATH_LIMIT = 120.0
+#: What the daemon logs once its in-memory front holds the whole cache.
+WARM_LINE = "entries loaded into memory"
 #: Seconds the RSS is left to settle after the first answer.
 SETTLE = 0.5
 
@@ -93,6 +97,19 @@ def wait_listening(port: int, process: subprocess.Popen[Any], limit: float = REA
             if time.monotonic() - started > limit:
                 raise RuntimeError(f"nothing listens on port {port} after {limit:g}s") from None
             time.sleep(0.002)
+
+
+def wait_for_line(path: str, text: str, process: subprocess.Popen[Any], limit: float = READY_LIMIT) -> float:
+    """time.monotonic() when ``text`` first shows in the log at ``path``."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open(path, errors="replace") as f:
+            if text in f.read():
+                return time.monotonic()
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        time.sleep(0.01)
+    raise RuntimeError(f"no {text!r} in {path} after {limit:g}s")
 
 
 def query_once(port: int, key: bytes, timeout: float = 30.0) -> str:
@@ -459,16 +476,19 @@ def start_and_first_answer(
     extra = f"memory_entries = {memory_entries}\n"
     config = ours_config(os.path.join(work, f"mem-{count}.toml"), world, cache_path, extra)
     started = time.monotonic()
-    process = start_ours(config, os.path.join(RESULTS, f"ours-mem-{count}.log"))
+    log_path = os.path.join(RESULTS, f"ours-mem-{count}.log")
+    process = start_ours(config, log_path)
     try:
         listening = wait_listening(DAEMON_PORT, process)
         reply = query_once(DAEMON_PORT, key)
         first_answer = time.monotonic() - started
+        warm = wait_for_line(log_path, WARM_LINE, process) - started
         time.sleep(SETTLE)
         rss = rss_kib(process.pid)
         return {
             "first_answer_s": round(first_answer, 3),
             "listening_s": round(listening, 3),
+            "front_warm_s": round(warm, 3),
             "first_reply": reply,
             "rss_kib": rss["VmRSS"],
             "hwm_kib": rss["VmHWM"],
@@ -604,7 +624,10 @@ def hotpath(args: argparse.Namespace) -> dict[str, Any]:
         "--requests",
         "30000" if args.quick else "100000",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=HOTPATH_LIMIT)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"bench/hotpath.py did not finish in {HOTPATH_LIMIT:g}s"}
     if done.returncode != 0:
         return {"skipped": done.stderr.strip()[-300:]}
     doc: dict[str, Any] = json.loads(done.stdout.splitlines()[0])
