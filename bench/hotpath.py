@@ -159,7 +159,7 @@ async def measure(reactor: Any, args: argparse.Namespace, work: str) -> dict[str
         from twisted.internet.main import CONNECTION_DONE
         from twisted.python.failure import Failure
 
-        protocol.connectionLost(Failure(CONNECTION_DONE))
+        protocol.connectionLost(Failure(CONNECTION_DONE))  # type: ignore[no-untyped-call]
         return out
     finally:
         await daemon.stop()
