@@ -413,3 +413,77 @@ def test_default_path_uses_the_process_environment(
 ) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", "/from/systemd")
     assert default_path() == "/from/systemd/cache.sqlite3"
+
+
+# --- loading in batches ------------------------------------------------------
+
+
+@ensure_deferred
+async def test_load_in_batches_gives_the_same_order_across_ties(
+    store_factory: SqliteFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import postfix_mtasts.cache.sqlite as sqlite_module
+
+    store = await store_factory.open_store()
+    # Ties on last_used straddle the batch boundaries: the domain breaks them.
+    entries = [fetched(f"d{i:02}.example", last_used=NOW + i // 4) for i in range(23)]
+    await store.put_many(entries)
+    whole = await store.load(100)
+    monkeypatch.setattr(sqlite_module, "LOAD_BATCH", 3)
+    assert await store.load(100) == whole
+    assert await store.load(7) == whole[:7]
+    assert len(whole) == 23
+    assert [e.last_used for e in whole] == sorted((e.last_used for e in whole), reverse=True)
+
+
+@ensure_deferred
+async def test_a_get_waits_for_one_load_batch_not_the_whole_load(
+    store_factory: SqliteFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twisted.internet.defer import Deferred
+
+    import postfix_mtasts.cache.sqlite as sqlite_module
+
+    store = await store_factory.open_store()
+    await store.put_many([fetched(f"d{i:02}.example", last_used=NOW + i) for i in range(30)])
+    monkeypatch.setattr(sqlite_module, "LOAD_BATCH", 5)
+    finished: list[str] = []
+    loading = Deferred.fromCoroutine(store.load(100))
+    loading.addCallback(lambda _: finished.append("load"))
+    got = Deferred.fromCoroutine(store.get("d00.example"))
+    got.addCallback(lambda _: finished.append("get"))
+    await got
+    await loading
+    assert finished == ["get", "load"]
+
+
+def test_process_exits_when_the_reactor_stops_with_the_store_still_open(tmp_path: Path) -> None:
+    """The shutdown trigger stops the store's thread; the process must not hang."""
+    import subprocess
+    import sys
+    import textwrap
+
+    program = textwrap.dedent(
+        f"""
+        from twisted.internet import asyncioreactor
+        asyncioreactor.install()
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+        from postfix_mtasts.cache.sqlite import SqliteStore
+
+        async def main():
+            store = SqliteStore(reactor, {str(tmp_path / "cache.sqlite3")!r})
+            await store.open()
+            reactor.stop()  # never closed: the trigger must clean up
+
+        reactor.callWhenRunning(lambda: Deferred.fromCoroutine(main()))
+        reactor.run()
+        print("exited")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "exited"
+    assert "ValueError" not in result.stderr, result.stderr

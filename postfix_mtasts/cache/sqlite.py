@@ -24,6 +24,8 @@ from postfix_mtasts.cache import CacheEntry, IPolicyStore, StoreUnavailable
 
 log = logging.getLogger("postfix_mtasts.cache")
 
+#: Rows read per job when loading the cache at start-up.
+LOAD_BATCH = 5000
 #: Seconds a statement waits for another connection's lock before failing.
 BUSY_TIMEOUT = 5.0
 #: Mode of the state directory when we create it, and of the database file.
@@ -196,7 +198,9 @@ class SqliteStore:
         pool = ThreadPool(1, 1, name=f"sqlite {self.path}")
         pool.start()
         self._pool = pool
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "during", "shutdown", self._stop_pool_at_shutdown
+        )
         self._malformed_reported = False
         self.malformed_rows = 0
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._reactor.seconds()))
@@ -205,6 +209,12 @@ class SqliteStore:
         except BaseException:
             self._stop_pool()
             raise
+
+    def _stop_pool_at_shutdown(self) -> None:
+        # The trigger is firing: removing it now would raise ValueError and
+        # leave the pool's thread running, so the process would never exit.
+        self._shutdown_trigger = None
+        self._stop_pool()
 
     def _stop_pool(self) -> None:
         pool, self._pool = self._pool, None
@@ -382,17 +392,41 @@ class SqliteStore:
         return entries
 
     async def load(self, limit: int) -> list[CacheEntry]:
-        if limit <= 0:
-            return []
+        """Most recently used first, read in batches of :data:`LOAD_BATCH` rows.
 
-        def load(conn: sqlite3.Connection) -> list[CacheEntry]:
+        Each batch is its own job on the store's thread, so a ``get`` from a
+        lookup waits for one batch, not for the whole load.
+        """
+        entries: list[CacheEntry] = []
+        after: tuple[float, str] | None = None
+        while len(entries) < limit:
+            wanted = min(LOAD_BATCH, limit - len(entries))
+            batch, after = await self._do(lambda conn, n=wanted, a=after: self._load_batch(conn, n, a))
+            entries.extend(batch)
+            if after is None:
+                break
+        return entries
+
+    def _load_batch(
+        self, conn: sqlite3.Connection, count: int, after: tuple[float, str] | None
+    ) -> tuple[list[CacheEntry], tuple[float, str] | None]:
+        """One page of the load, after ``after`` (last_used, domain); returns
+        the entries and where the next page starts (None at the end)."""
+        if after is None:
             rows = conn.execute(
-                "SELECT domain, data FROM entries ORDER BY last_used DESC, domain LIMIT ?",
-                (limit,),
+                "SELECT domain, data, last_used FROM entries ORDER BY last_used DESC, domain LIMIT ?",
+                (count,),
             ).fetchall()
-            return self._parse(rows)
-
-        return await self._do(load)
+        else:
+            rows = conn.execute(
+                "SELECT domain, data, last_used FROM entries"
+                " WHERE last_used < ? OR (last_used = ? AND domain > ?)"
+                " ORDER BY last_used DESC, domain LIMIT ?",
+                (after[0], after[0], after[1], count),
+            ).fetchall()
+        entries = self._parse([(domain, data) for domain, data, _ in rows])
+        following = (rows[-1][2], rows[-1][0]) if len(rows) == count else None
+        return entries, following
 
     async def get(self, domain: str) -> CacheEntry | None:
         def get(conn: sqlite3.Connection) -> CacheEntry | None:
