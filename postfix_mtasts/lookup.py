@@ -52,6 +52,8 @@ TOUCH_FLUSH_INTERVAL = 600.0
 #: How long a daemon waits for another fleet member that holds the lease.
 LEASE_WAIT = 10.0
 LEASE_POLL = 0.25
+#: Entries put into memory between two pauses of a background warm-up.
+WARM_UP_BATCH = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,11 +176,13 @@ class PolicyLookup:
         self._schedule(PRUNE_INTERVAL, self._prune)
         self._schedule(TOUCH_FLUSH_INTERVAL, self._flush_touched)
         if warm_in_background:
-            self._spawn(self._warm_up())
+            self._spawn(self._warm_up(pause_every=WARM_UP_BATCH))
             return 0
         return await self._warm_up()
 
-    async def _warm_up(self) -> int:
+    async def _warm_up(self, pause_every: int | None = None) -> int:
+        """Fill the front from the store; with ``pause_every``, let the reactor
+        serve lookups between batches instead of blocking it for the whole load."""
         started = self.reactor.seconds()
         try:
             entries = await self.store.load(self.settings.memory_entries)
@@ -191,10 +195,12 @@ class PolicyLookup:
         loaded = 0
         # Most recently used last, so it ends up most recent in the LRU. An
         # entry a lookup already put in memory meanwhile is newer: keep it.
-        for entry in reversed(entries):
+        for count, entry in enumerate(reversed(entries), 1):
             if entry.in_force(now) and entry.domain not in self.front:
                 self._remember(entry)
                 loaded += 1
+            if pause_every and count % pause_every == 0:
+                await _sleep(self.reactor, 0)
         log.info("cache %s: %d entries loaded into memory in %.2fs",
                  self.store.name, loaded, self.reactor.seconds() - started)
         return loaded
@@ -491,7 +497,7 @@ class PolicyLookup:
             policy = result.policy
             entry = CacheEntry(
                 domain, Source.FETCHED, expires_at=now + policy.max_age, checked_at=now,
-                policy_id=policy_id, policy=self._shared_policy(policy), policy_text=result.text,
+                policy_id=policy_id, policy=policy, policy_text=result.text,
                 fetched_at=now, last_used=previous.last_used if previous else now,
             )
             what = "refreshed" if cached is not None and cached.policy_id == policy_id else "fetched"
@@ -545,10 +551,6 @@ class PolicyLookup:
             await self.store.release_lease(domain, self.holder)
         except StoreUnavailable:
             pass
-
-    def _shared_policy(self, policy: Any) -> Any:
-        """Reuse an equal Policy object already in memory (many domains share one)."""
-        return policy
 
     # --- memory and store ---------------------------------------------------
 

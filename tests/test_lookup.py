@@ -616,6 +616,31 @@ def test_start_loads_entries_in_force_and_answers_them_without_dns() -> None:
     assert w.dns.calls["stale.example"] == 1
 
 
+def test_background_warm_up_pauses_between_batches_and_keeps_newer_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import postfix_mtasts.lookup as lookup_module
+
+    monkeypatch.setattr(lookup_module, "WARM_UP_BATCH", 2)
+    w = make_world(recheck_interval=NEVER)
+    entries = [stored_entry(f"d{i}.example", P1, fetched_offset=-10, checked_offset=-10) for i in range(6)]
+    result_of(run(w.store.put_many(entries)))
+    assert result_of(run(w.lookup.start(warm_in_background=True))) == 0
+    # The first batch is in memory and the warm-up waits for the reactor.
+    assert len(w.lookup.front) == 2
+    # A lookup meanwhile reads the store, without DNS, and the answer it puts
+    # in memory is not overwritten when the warm-up reaches that domain.
+    late = entries[0].domain
+    assert late not in w.lookup.front
+    assert w.answer(late) == OK1
+    remembered = w.lookup.front.peek(late)
+    w.clock.advance(0)
+    w.clock.advance(0)
+    assert len(w.lookup.front) == 6
+    assert w.lookup.front.peek(late) is remembered
+    assert w.dns.total == 0
+
+
 def test_lookup_falls_back_to_the_store_when_memory_lost_the_entry() -> None:
     w = make_world(recheck_interval=NEVER, memory_entries=1)
     publish(w, P1, domain="a.example")
