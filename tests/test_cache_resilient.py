@@ -25,6 +25,7 @@ from postfix_mtasts.cache.resilient import PROBE_DOMAIN, ResilientStore
 from tests.store_contract import (
     NOW,
     ensure_deferred,
+    failed,
     fetched,
     negative,
 )
@@ -257,6 +258,34 @@ def test_newest_write_per_domain_wins(store: ResilientStore, fake: FakeStore, cl
     assert fake.data["a.example"].policy_id == "second"
 
 
+def test_write_back_never_replaces_a_stored_policy_with_an_entry_without_one(
+    store: ResilientStore, fake: FakeStore, clock: task.Clock
+) -> None:
+    # A daemon cut off from the store (restarted meanwhile, or its memory
+    # evicted the domain) cannot see the policy stored there, so what it learns
+    # (a failed fetch, a record an attacker hides) says nothing about that
+    # policy; written back, it would erase it for the whole fleet.
+    clock.advance(NOW)
+    fake.data["policy.example"] = fetched("policy.example")
+    fake.data["lapsed.example"] = fetched("lapsed.example", expires_at=NOW - 1)
+    fake.down = True
+    result_of(run(store.put_many([
+        failed("policy.example", expires_at=NOW + 60),
+        negative("lapsed.example"),
+        negative("new.example"),
+        negative("stale.example", expires_at=NOW + 1),
+    ])))
+    clock.advance(RETRY)
+    fake.down = False
+    clock.advance(RETRY)
+    assert store.available and store.pending_writes == 0
+    assert fake.data["policy.example"] == fetched("policy.example")
+    assert fake.data["lapsed.example"] == negative("lapsed.example")
+    assert fake.data["new.example"] == negative("new.example")
+    # Expired before it could be written: nothing worth keeping.
+    assert "stale.example" not in fake.data
+
+
 def test_queue_is_bounded_dropping_the_oldest(
     clock: task.Clock, fake: FakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -303,7 +332,8 @@ def test_a_hung_call_times_out_and_is_cancelled(
     fake.hang = False
     clock.advance(RETRY)
     assert store.available and fake.data["a.example"] == negative("a.example")
-    assert fake.calls.count("get") == 2 and PROBE_DOMAIN not in fake.data
+    # The probe, then the write-back's check that a.example has no policy stored.
+    assert fake.calls.count("get") == 3 and PROBE_DOMAIN not in fake.data
 
 
 def test_probe_that_hangs_is_cut_short_and_retried(

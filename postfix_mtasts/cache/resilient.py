@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
-from postfix_mtasts.cache import CacheEntry, IPolicyStore, StoreUnavailable
+from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -179,10 +179,31 @@ class ResilientStore:
                     await self._call("delete", partial(self.inner.delete, write.domain))
                     self._settle(write)
             else:
-                entries = [w.entry for w in batch if w.entry is not None]
-                await self._call("put_many", partial(self.inner.put_many, entries))
+                entries = await self._worth_writing([w.entry for w in batch if w.entry is not None])
+                if entries:
+                    await self._call("put_many", partial(self.inner.put_many, entries))
                 for write in batch:
                     self._settle(write)
+
+    async def _worth_writing(self, entries: list[CacheEntry]) -> list[CacheEntry]:
+        """``entries`` less those without a policy that have expired or would
+        replace a stored policy still in force.
+
+        Such an entry was learnt while the store could not be read: it says
+        nothing about a policy stored there (by another daemon, or before a
+        restart), and RFC 8461 keeps a policy until its max_age runs out.
+        """
+        now = self._reactor.seconds()
+        worth: list[CacheEntry] = []
+        for entry in entries:
+            if entry.source is not Source.FETCHED:
+                if not entry.in_force(now):
+                    continue
+                stored = await self._call("get", partial(self.inner.get, entry.domain))
+                if stored is not None and stored.source is Source.FETCHED and stored.in_force(now):
+                    continue
+            worth.append(entry)
+        return worth
 
     def _settle(self, write: _PendingWrite) -> None:
         """Remove ``write`` from the queue unless a newer write replaced it meanwhile."""
