@@ -570,6 +570,11 @@ class PolicyLookup:
         return max(entry.fetched_at + age_limit + jitter, entry.retry_at)
 
     async def _store_get(self, domain: str) -> CacheEntry | None:
+        # What the store refused is newer than what it holds, and may be
+        # missing from memory now (evicted).
+        unsaved = self._unsaved.get(domain)
+        if unsaved is not None:
+            return unsaved
         try:
             return await self.store.get(domain)
         except StoreUnavailable as e:

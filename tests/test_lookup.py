@@ -828,3 +828,25 @@ def test_lookup_fetches_itself_when_the_lease_holder_gives_no_result() -> None:
     w.clock.advance(LEASE_POLL)
     assert result_of(pending) == OK1
     assert w.https.total == 1
+
+
+# --- a store that failed or answered late (review fixes) -------------------------------------
+
+
+def test_a_policy_the_store_refused_still_answers_after_memory_evicted_it() -> None:
+    # A full disk refused the write, then memory evicted the domain: the store
+    # never had the policy, but it is in force until its max_age (RFC 8461 §5.1).
+    w = make_world(recheck_interval=NEVER, memory_entries=1)
+    publish(w, P1, domain="a.example")
+    w.dns.set("b.example", TxtAbsent("NXDOMAIN", negative_ttl=300))
+    w.store.down = True
+    assert w.answer("a.example") == OK1
+    w.answer("b.example")  # evicts a.example from memory
+    assert "a.example" not in w.lookup.front
+    w.dns.set("a.example", TxtFailed("SERVFAIL"))
+    assert w.answer("a.example") == OK1  # the store still fails
+    w.answer("b.example")
+    w.store.down = False  # readable again, but it never got a.example
+    assert w.answer("a.example") == OK1
+    assert w.https.calls["a.example"] == 1
+
