@@ -592,7 +592,11 @@ class PolicyLookup:
         try:
             await self.store.put(entry)
         except StoreUnavailable as e:
-            self._unsaved[entry.domain] = entry
+            # Only policies are kept for later: an entry without one learnt
+            # while the store failed may not have seen a policy stored there,
+            # and written back later it would erase it.
+            if entry.source is Source.FETCHED:
+                self._unsaved[entry.domain] = entry
             if self._store_failing:
                 log.debug("%s: could not store the new entry (%s)", entry.domain, e)
                 return

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from postfix_mtasts.cache import CacheEntry, Source
-from postfix_mtasts.lookup import LookupSettings, PolicyLookup, Resolution, entry_answer
+from postfix_mtasts.lookup import DNS_FAILURE_RETRY, LookupSettings, PolicyLookup, Resolution, entry_answer
 from postfix_mtasts.policy.answer import policy_answer
 from postfix_mtasts.policy.model import Answer, AnswerKind, Mode, Policy
 from postfix_mtasts.resolver import FailureCategory, FetchFailed, TxtAbsent, TxtFailed
@@ -849,4 +849,22 @@ def test_a_policy_the_store_refused_still_answers_after_memory_evicted_it() -> N
     w.store.down = False  # readable again, but it never got a.example
     assert w.answer("a.example") == OK1
     assert w.https.calls["a.example"] == 1
+
+
+def test_what_was_learnt_while_the_store_failed_never_overwrites_its_policy() -> None:
+    # The store held a policy this daemon could not read (a read error, memory
+    # evicted it); the failure it learnt meanwhile says nothing about that policy.
+    w = make_world(recheck_interval=NEVER)
+    theirs = stored_entry(DOMAIN, P1, fetched_offset=-10, checked_offset=-10)
+    result_of(run(w.store.put_many([theirs])))
+    w.store.down = True
+    w.dns.set(DOMAIN, TxtFailed("SERVFAIL"))
+    assert w.answer().kind is AnswerKind.NOTFOUND
+    w.store.down = False
+    publish(w, P2, domain="other.example")
+    assert w.answer("other.example") == OK2  # a write that succeeds
+    w.at(DNS_FAILURE_RETRY + 1)
+    result_of(run(w.lookup._flush_touched_now()))  # and the periodic write-back
+    assert w.store.stored(DOMAIN) == theirs
+    assert w.answer() == OK1
 
