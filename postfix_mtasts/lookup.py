@@ -310,7 +310,11 @@ class PolicyLookup:
         entry = self.front.get(domain)
         if entry is None or not entry.in_force(now):
             stored = await self._store_get(domain)
-            if stored is not None and stored.in_force(now):
+            # A resolution may have put a newer entry in memory meanwhile.
+            newer = self.front.peek(domain)
+            if newer is not None and newer is not entry and newer.in_force(now):
+                entry = newer
+            elif stored is not None and stored.in_force(now):
                 entry = stored
                 self._remember(stored)
                 self.stats.store_hits += 1

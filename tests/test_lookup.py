@@ -868,3 +868,35 @@ def test_what_was_learnt_while_the_store_failed_never_overwrites_its_policy() ->
     assert w.store.stored(DOMAIN) == theirs
     assert w.answer() == OK1
 
+
+class LateReadStore(FlakyStore):
+    """A store whose next ``get`` reads at once but answers only when the test says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.get_gate: Deferred[None] | None = None
+
+    async def get(self, domain: str) -> CacheEntry | None:
+        entry = await super().get(domain)
+        gate, self.get_gate = self.get_gate, None
+        if gate is not None:
+            await gate
+        return entry
+
+
+def test_a_late_store_read_does_not_replace_a_newer_entry_in_memory() -> None:
+    w = make_world(recheck_interval=NEVER)
+    store = LateReadStore()
+    opened(store)
+    w.store = store
+    w.lookup.store = store
+    old = CacheEntry(DOMAIN, Source.NEGATIVE, expires_at=T0 + 3600, checked_at=T0 - 10)
+    result_of(run(store.put_many([old])))
+    gate: Deferred[None] = Deferred()
+    store.get_gate = gate
+    late = w.ask()  # reads the NEGATIVE entry, answered late
+    publish(w, P1)
+    assert result_of(run(w.lookup.refresh(DOMAIN))).entry.policy == P1  # the domain publishes now
+    gate.callback(None)
+    assert result_of(late) == OK1
+    assert w.answer() == OK1
