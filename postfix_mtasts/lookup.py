@@ -489,6 +489,13 @@ class PolicyLookup:
 
         adopted = await self._await_fleet(domain, previous, now, policy_id)
         if adopted is not None:
+            if cached is not None and (adopted.source is not Source.FETCHED or not adopted.in_force(now)):
+                # Another daemon's failure is no reason to drop a policy still in force.
+                kept = replace(cached, checked_at=now)
+                return Resolution(kept, f"another daemon of the fleet found no usable policy "
+                                        f"({adopted.failure or adopted.source.value}); cached policy "
+                                        f"{cached.policy_id} stays in force until "
+                                        f"{_stamp(cached.expires_at)}", tuple(trace))
             return Resolution(adopted, "resolved by another daemon of the fleet", tuple(trace))
         try:
             self.stats.fetches += 1

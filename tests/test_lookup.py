@@ -816,6 +816,25 @@ def test_lookup_adopts_the_result_of_the_fleet_member_holding_the_lease() -> Non
     assert w.clock.getDelayedCalls() == []
 
 
+def test_a_fleet_members_failure_does_not_replace_our_policy_in_force() -> None:
+    w = fleet_world()
+    ours = stored_entry(DOMAIN, P1, fetched_offset=-10, checked_offset=-100)
+    w.lookup.front.put(ours)
+    # The TXT id changed: a fetch is due, and another daemon holds the lease.
+    w.dns.set_id(DOMAIN, "2")
+    pending = run(w.lookup.refresh(DOMAIN))
+    w.at(1)
+    theirs = CacheEntry(DOMAIN, Source.FAILED, expires_at=T0 + 300, checked_at=T0 + 1,
+                        failed_id="2", retry_at=T0 + 300, failure="certificate has expired")
+    result_of(run(w.store.put_many([theirs])))
+    w.clock.pump([0.05] * 10)
+    resolution = result_of(pending)
+    assert resolution.entry.policy == P1
+    assert "stays in force" in resolution.why
+    assert w.answer() == OK1
+    assert w.https.total == 0
+
+
 def test_lookup_fetches_itself_when_the_lease_holder_gives_no_result() -> None:
     from postfix_mtasts.lookup import LEASE_POLL, LEASE_WAIT
 
