@@ -126,6 +126,10 @@ class Nameserver:
     address: str
     port: int = 53
 
+    def __str__(self) -> str:
+        """``IP:PORT``, with an IPv6 address in brackets."""
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
 
 @dataclass(frozen=True, slots=True)
 class ListenConfig:

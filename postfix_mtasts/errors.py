@@ -22,6 +22,11 @@ def log_failure(logger: logging.Logger, what: str, failure: Failure) -> None:
         logger.error("%s: %s", what, failure.getErrorMessage())
 
 
+def one_line(error: BaseException) -> str:
+    """``error`` as one log line: its text with white space folded, or its type."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def is_cancellation(failure: Failure) -> bool:
     """True when ``failure`` is only a cancelled Deferred."""
     return isinstance(failure.value, CancelledError)

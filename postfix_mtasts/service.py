@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from postfix_mtasts import __version__
 from postfix_mtasts.cache import IPolicyStore, Source
 from postfix_mtasts.config import Config, ConfigError, ListenAddress, Nameserver, load_config
+from postfix_mtasts.errors import one_line
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop
@@ -72,10 +73,7 @@ class ReloadRefused(Exception):
 
 
 def nameserver_strings(nameservers: tuple[Nameserver, ...]) -> list[str]:
-    return [
-        f"[{ns.address}]:{ns.port}" if ":" in ns.address else f"{ns.address}:{ns.port}"
-        for ns in nameservers
-    ]
+    return [str(ns) for ns in nameservers]
 
 
 def lookup_settings(config: Config) -> LookupSettings:
@@ -395,7 +393,7 @@ class Daemon:
         except StartupError:
             raise
         except Exception as e:
-            raise StartupError(f"cannot listen on {address} ({kind}): {_one_line(e)}") from e
+            raise StartupError(f"cannot listen on {address} ({kind}): {one_line(e)}") from e
         self._listeners[key] = port
         log.info("listening for %s on %s", kind, address)
 
@@ -624,7 +622,7 @@ class Service:
             endpoint = serverFromString(self.reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
             port = await endpoint.listen(ControlFactory(self))
         except Exception as e:
-            raise StartupError(f"cannot listen on control socket {path}: {_one_line(e)}") from e
+            raise StartupError(f"cannot listen on control socket {path}: {one_line(e)}") from e
         # Twisted applies the mode after bind; make sure nothing looser was left.
         os.chmod(path, config.control.mode)
         self._control_port, self.control_path = port, path
@@ -647,7 +645,7 @@ class Service:
             endpoint = server_endpoint(self.reactor, address, self.daemon.listen_environment)
             port = await metrics.listen(endpoint, self._metrics_registry)
         except Exception as e:
-            raise StartupError(f"cannot listen on {address} (metrics): {_one_line(e)}") from e
+            raise StartupError(f"cannot listen on {address} (metrics): {one_line(e)}") from e
         self._metrics_port = port
         log.info("serving Prometheus metrics on %s", address)
 
@@ -888,6 +886,3 @@ def inherited_descriptor(address: ListenAddress, listen_environment: Mapping[str
     return descriptors[index]
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return " ".join(text.split())

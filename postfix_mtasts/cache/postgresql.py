@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from postfix_mtasts.asyncio_bridge import from_asyncio
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, StoreUnavailable
+from postfix_mtasts.errors import one_line
 
 if TYPE_CHECKING:  # psycopg is an optional extra: imported where used
     import psycopg
@@ -70,11 +71,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _DB_NOW = "extract(epoch from clock_timestamp())::double precision"
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 def _sql(template: str, schema: str) -> Any:
@@ -236,7 +232,7 @@ class PostgresqlStore:
         except StoreUnavailable:
             raise
         except (psycopg.Error, OSError) as e:
-            raise StoreUnavailable(f"postgresql {self.where}: {what} failed: {_one_line(e)}") from None
+            raise StoreUnavailable(f"postgresql {self.where}: {what} failed: {one_line(e)}") from None
 
     @staticmethod
     def _parse(text: str) -> CacheEntry | None:
@@ -388,4 +384,4 @@ class PostgresqlStore:
             try:
                 await from_asyncio(pool.close(), self.op_timeout)
             except Exception as e:  # closing a dead connection must not stop shutdown
-                log.debug("postgresql: error while closing: %s", _one_line(e))
+                log.debug("postgresql: error while closing: %s", one_line(e))

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from postfix_mtasts.asyncio_bridge import from_asyncio
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, StoreUnavailable
+from postfix_mtasts.errors import one_line
 
 T = TypeVar("T")
 
@@ -78,11 +79,6 @@ for _, domain in ipairs(due) do
 end
 return #due
 """
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 def _glob_escape(text: str) -> str:
@@ -216,7 +212,7 @@ class RedisStore:
         except TimeoutError:
             raise StoreUnavailable(f"redis {self.where}: {what} timed out after {bound:g}s") from None
         except (RedisError, OSError) as e:
-            raise StoreUnavailable(f"redis {self.where}: {what} failed: {_one_line(e)}") from None
+            raise StoreUnavailable(f"redis {self.where}: {what} failed: {one_line(e)}") from None
 
     def _ttl_seconds(self, entry: CacheEntry) -> int:
         """Whole seconds, rounded up, until ``entry`` expires; a short grace if it has."""
@@ -390,7 +386,7 @@ class RedisStore:
             try:
                 await from_asyncio(client.aclose(), self.op_timeout)
             except Exception as e:  # closing a dead connection must not stop shutdown
-                log.debug("redis: error while closing: %s", _one_line(e))
+                log.debug("redis: error while closing: %s", one_line(e))
 
     async def memory_usage(self, domain: str) -> int | None:
         """Bytes Redis uses for ``domain``'s entry key (``MEMORY USAGE``), for sizing."""

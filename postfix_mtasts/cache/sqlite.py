@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, StoreUnavailable
+from postfix_mtasts.errors import one_line
 
 log = logging.getLogger("postfix_mtasts.cache")
 
@@ -127,10 +128,6 @@ def _row(entry: CacheEntry) -> tuple[str, str, float, float]:
     return (entry.domain, entry.to_json(), entry.expires_at, entry.last_used)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 @implementer(IPolicyStore)
 class SqliteStore:
     """Entries in the SQLite file ``path``; leases are always granted.
@@ -185,7 +182,7 @@ class SqliteStore:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-            raise StoreUnavailable(f"cache database {self.path}: {_one_line(e)}") from e
+            raise StoreUnavailable(f"cache database {self.path}: {one_line(e)}") from e
 
     async def _do(self, fn: Callable[..., _T], *args: object) -> _T:
         return await self._call(self._run, fn, *args)
@@ -288,7 +285,7 @@ class SqliteStore:
             # file is moved aside exactly as it was found.
             problems = conn.execute("PRAGMA quick_check").fetchall()
             if problems != [("ok",)]:
-                reason = _one_line(Exception(problems[0][0]))
+                reason = one_line(Exception(problems[0][0]))
                 if len(reason) > REASON_LIMIT:
                     reason = reason[: REASON_LIMIT - 3] + "..."
                 raise _Corrupt(f"quick_check: {reason}", conn)
@@ -309,10 +306,10 @@ class SqliteStore:
             raise
         except sqlite3.DatabaseError as e:
             if (e.sqlite_errorcode & 0xFF) in CORRUPT_CODES:
-                raise _Corrupt(_one_line(e), conn) from e
+                raise _Corrupt(one_line(e), conn) from e
             if conn is not None:
                 conn.close()
-            raise StoreUnavailable(f"cannot open cache database {self.path}: {_one_line(e)}") from e
+            raise StoreUnavailable(f"cannot open cache database {self.path}: {one_line(e)}") from e
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -340,7 +337,7 @@ class SqliteStore:
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.Error as e:
-            raise StoreUnavailable(f"cannot read cache database {self.path}: {_one_line(e)}") from e
+            raise StoreUnavailable(f"cannot read cache database {self.path}: {one_line(e)}") from e
         if version > known:
             raise StoreError(
                 f"cache database {self.path} has schema version {version}, newer"
@@ -357,7 +354,7 @@ class SqliteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise StoreError(
-                    f"cache database {self.path}: migration to schema version {target} failed: {_one_line(e)}"
+                    f"cache database {self.path}: migration to schema version {target} failed: {one_line(e)}"
                 ) from e
 
     # --- reading --------------------------------------------------------------
@@ -371,7 +368,7 @@ class SqliteStore:
             try:
                 entry = CacheEntry.from_json(data)
             except ValueError as e:
-                bad.append((domain, _one_line(e)))
+                bad.append((domain, one_line(e)))
                 continue
             if entry.domain != domain:
                 bad.append((domain, f"row holds the entry of {entry.domain!r}"))
@@ -490,6 +487,6 @@ class SqliteStore:
         try:
             await self._call(close_in_thread)
         except sqlite3.Error as e:
-            log.warning("cache database %s: error on close: %s", self.path, _one_line(e))
+            log.warning("cache database %s: error on close: %s", self.path, one_line(e))
         finally:
             self._stop_pool()

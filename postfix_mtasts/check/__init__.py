@@ -70,10 +70,7 @@ def check_settings(config: Any, args: argparse.Namespace) -> CheckSettings:
     from postfix_mtasts.check.audit import CheckSettings
 
     resolver = config.resolver
-    nameservers = tuple(
-        f"[{server.address}]:{server.port}" if ":" in server.address else f"{server.address}:{server.port}"
-        for server in resolver.nameservers
-    )
+    nameservers = tuple(str(server) for server in resolver.nameservers)
     return CheckSettings(
         nameservers=nameservers,
         ca_file=resolver.ca_file,

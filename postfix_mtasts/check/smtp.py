@@ -31,7 +31,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from postfix_mtasts.check import PROBE_DEADLINE, SMTP_PORT
-from postfix_mtasts.resolver.https import VERIFY_ERRORS
+from postfix_mtasts.errors import one_line
+from postfix_mtasts.resolver.https import VERIFY_ERRORS, ssl_reason
 
 __all__ = ["PROBE_DEADLINE", "SMTP_PORT", "SmtpProbe", "make_probe_context", "probe_smtp"]
 #: Longest reply line accepted from a server (RFC 5321 §4.5.3.1.5 says 512;
@@ -102,7 +103,7 @@ def make_probe_context(ca_file: str = "") -> SSL.Context:
         else:
             context.set_default_verify_paths()
     except SSL.Error as error:
-        raise ValueError(f"cannot load CA file {ca_file}: {_ssl_reason(error)}") from None
+        raise ValueError(f"cannot load CA file {ca_file}: {ssl_reason(error)}") from None
     return context
 
 
@@ -152,7 +153,7 @@ class _Session:
         except CancelledError:
             raise
         except Exception as unexpected:  # a bug here must still give a report
-            probe.failure = f"probe failed unexpectedly: {_one_line(unexpected)}"
+            probe.failure = f"probe failed unexpectedly: {one_line(unexpected)}"
         return probe
 
     async def _converse(self, addresses: list[str]) -> None:
@@ -217,7 +218,7 @@ class _Session:
                 problems.append(f"connection refused by {probe.peer}")
                 continue
             except neterror.ConnectError as error:
-                problems.append(f"cannot connect to {probe.peer}: {_one_line(error)}")
+                problems.append(f"cannot connect to {probe.peer}: {one_line(error)}")
                 continue
             self.client = client
             return client
@@ -369,7 +370,7 @@ class _ProbeTLS:
                     if problem not in probe.certificate_problems:
                         probe.certificate_problems.append(problem)
         except Exception as unexpected:
-            probe.certificate_problems.append(f"certificate check failed: {_one_line(unexpected)}")
+            probe.certificate_problems.append(f"certificate check failed: {one_line(unexpected)}")
         return True
 
 
@@ -398,23 +399,12 @@ def _failed(reason: Failure) -> Deferred[Reply]:
 def _lost_reason(reason: Failure) -> str:
     value = reason.value
     if isinstance(value, SSL.Error):
-        return _ssl_reason(value)
+        return ssl_reason(value)
     if isinstance(value, neterror.ConnectionDone):
         return "closed cleanly"
     if isinstance(value, BaseException):
-        return _one_line(value)
+        return one_line(value)
     return "connection lost"
-
-
-def _ssl_reason(error: SSL.Error) -> str:
-    queue = error.args[0] if error.args else None
-    if isinstance(queue, list) and queue:
-        return "; ".join(str(entry[-1]) for entry in queue if entry)
-    return _one_line(error) or "unexpected end of the TLS stream"
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _quote(text: str, limit: int = 80) -> str:

@@ -55,6 +55,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from postfix_mtasts import __version__, limits
+from postfix_mtasts.errors import one_line
 from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
 from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchResult
 
@@ -350,14 +351,14 @@ class _Attempt:
             return "; ".join(self.certificate_problems), FailureCategory.WEBPKI
         for cause in causes:
             if isinstance(cause, SSL.Error):
-                reason = _ssl_reason(cause)
+                reason = ssl_reason(cause)
                 if any(hint in reason for hint in VERSION_MISMATCH_HINTS):
                     reason += " (TLS 1.2 or later required)"
                 return f"TLS handshake with {where} failed: {reason}", FailureCategory.FETCH
         for cause in causes:
             if isinstance(cause, neterror.ConnectionDone | neterror.ConnectionLost):
                 return f"connection closed by {where} before a complete response", FailureCategory.FETCH
-        detail = "; ".join(_one_line(cause) for cause in causes[1:]) or _one_line(problem)
+        detail = "; ".join(one_line(cause) for cause in causes[1:]) or one_line(problem)
         return f"fetch from {where} failed: {detail}", FailureCategory.FETCH
 
     def abort(self) -> None:
@@ -427,7 +428,7 @@ class _PolicyHostTLS:
                 return False
             return True
         except Exception as unexpected:
-            attempt.certificate_problems.append(f"certificate check failed: {_one_line(unexpected)}")
+            attempt.certificate_problems.append(f"certificate check failed: {one_line(unexpected)}")
             return False
 
 
@@ -464,7 +465,7 @@ class _PolicyHostEndpoint:
         except CancelledError:
             raise
         except Exception as error:
-            raise _FetchError(f"cannot resolve {host}: {_one_line(error)}") from None
+            raise _FetchError(f"cannot resolve {host}: {one_line(error)}") from None
         addresses = [address for address in found if _is_ip(address)]
         if not addresses:
             raise _FetchError(f"{host} has no usable address")
@@ -595,7 +596,7 @@ def _connect_problem(error: neterror.ConnectError, peer: str) -> str:
         return f"connection refused by {peer}"
     if isinstance(error, neterror.TimeoutError):
         return f"no TCP connection to {peer} within {CONNECT_ATTEMPT_TIMEOUT}s"
-    return f"cannot connect to {peer}: {_one_line(error)}"
+    return f"cannot connect to {peer}: {one_line(error)}"
 
 
 def _is_ip(address: str) -> bool:
@@ -619,16 +620,12 @@ def _causes(problem: BaseException) -> list[BaseException]:
     return found
 
 
-def _ssl_reason(error: SSL.Error) -> str:
+def ssl_reason(error: SSL.Error) -> str:
+    """OpenSSL's own words for a TLS failure, one line."""
     queue = error.args[0] if error.args else None
     if isinstance(queue, list) and queue:
         return "; ".join(str(entry[-1]) for entry in queue if entry)
-    return _one_line(error) or "unexpected end of the TLS stream"
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+    return one_line(error) or "unexpected end of the TLS stream"
 
 
 def _text(value: bytes) -> str:
