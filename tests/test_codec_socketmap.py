@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given
@@ -21,30 +19,7 @@ from postfix_mtasts.codec.socketmap import (
     encode_request,
 )
 from postfix_mtasts.limits import SOCKETMAP_MAX_REPLY, SOCKETMAP_MAX_REQUEST
-
-Feeder = Callable[[bytes], Sequence[object]]
-
-
-def run(feed: Feeder, chunks: Sequence[bytes]) -> tuple[list[object], str | None]:
-    """Feed chunks in order; return all events and the framing error, if any."""
-    events: list[object] = []
-    for chunk in chunks:
-        try:
-            events.extend(feed(chunk))
-        except FramingError as error:
-            events.extend(error.decoded)
-            return events, str(error)
-    return events, None
-
-
-def split(stream: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted(cuts), len(stream)]
-    return [stream[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-def one_byte_chunks(stream: bytes) -> list[bytes]:
-    return [stream[i : i + 1] for i in range(len(stream))]
-
+from tests.support.chunks import one_byte_chunks, run, split
 
 # --- request decoding: table-driven ------------------------------------------
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,30 +18,7 @@ from postfix_mtasts.codec.tcptable import (
     unquote,
 )
 from postfix_mtasts.limits import TCP_TABLE_MAX_LINE
-
-Feeder = Callable[[bytes], Sequence[object]]
-
-
-def run(feed: Feeder, chunks: Sequence[bytes]) -> tuple[list[object], str | None]:
-    """Feed chunks in order; return all events and the framing error, if any."""
-    events: list[object] = []
-    for chunk in chunks:
-        try:
-            events.extend(feed(chunk))
-        except FramingError as error:
-            events.extend(error.decoded)
-            return events, str(error)
-    return events, None
-
-
-def split(stream: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted(cuts), len(stream)]
-    return [stream[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-def one_byte_chunks(stream: bytes) -> list[bytes]:
-    return [stream[i : i + 1] for i in range(len(stream))]
-
+from tests.support.chunks import one_byte_chunks, run, split
 
 # --- quoting ------------------------------------------------------------------
 
