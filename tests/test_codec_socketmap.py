@@ -318,3 +318,37 @@ def test_codec_imports_no_twisted_or_network() -> None:
         [sys.executable, "-c", code], check=False, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# One netstring in one chunk takes a shortcut in the decoder; these near-misses
+# (leading zeros, wrong lengths, a missing comma, a limit just crossed, a
+# second request or a partial one behind) must come out exactly as when the
+# same bytes arrive one at a time, and leave the decoder in the same state.
+@given(
+    payload=st.binary(max_size=40) | st.sampled_from([b"postfix example.com", b"postfix", b" x"]),
+    prefix=st.sampled_from(
+        ["{n}", "0{n}", "00{n}", "{m}", "{p}", "", "+{n}", " {n}", "{n} ", "\u0665", "1_0"]
+    ),
+    end=st.sampled_from([b",", b"", b";", b",,", b",4:a b,", b",4:a"]),
+    limit=st.integers(0, 40),
+    then=st.sampled_from([b"", b"3:a b,", b"x"]),
+)
+def test_one_chunk_shortcut_matches_byte_by_byte(
+    payload: bytes, prefix: str, end: bytes, limit: int, then: bytes
+) -> None:
+    n = len(payload)
+    header = prefix.format(n=n, m=max(n - 1, 0), p=n + 1).encode()
+    chunk = header + b":" + payload + end
+    whole_decoder = SocketmapDecoder(max_request=limit)
+    drip_decoder = SocketmapDecoder(max_request=limit)
+    whole = run(whole_decoder.feed, [chunk])
+    assert run(drip_decoder.feed, one_byte_chunks(chunk)) == whole
+    assert whole_decoder.buffered == drip_decoder.buffered
+    assert run(whole_decoder.feed, [then]) == run(drip_decoder.feed, [then])
+
+
+def test_one_chunk_shortcut_gives_the_request() -> None:
+    decoder = SocketmapDecoder()
+    assert decoder.feed(b"19:postfix example.com,") == [SocketmapRequest("postfix", b"example.com")]
+    assert decoder.buffered == 0
+    assert decoder.feed(b"19:postfix example.org,") == [SocketmapRequest("postfix", b"example.org")]

@@ -76,6 +76,8 @@ class _NetstringReader:
         self._value = 0
         self._payload_length: int | None = None
         self._error: str | None = None
+        # Longest length prefix within the limit, for the one-chunk path.
+        self._max_digits = len(str(limit))
 
     @property
     def buffered(self) -> int:
@@ -85,6 +87,12 @@ class _NetstringReader:
         """Return the complete payloads in ``data`` and the framing error met, if any."""
         if self._error is not None:
             return [], self._error
+        if not self._buffer and self._payload_length is None:
+            # Postfix sends each request whole: take the one-netstring case
+            # without copying through the buffer; anything else goes below.
+            payload = self._whole(data)
+            if payload is not None:
+                return [payload], None
         self._buffer += data
         payloads: list[bytes] = []
         while True:
@@ -104,6 +112,23 @@ class _NetstringReader:
             del self._buffer[: length + 1]
             self._payload_length = None
         return payloads, self._error
+
+    def _whole(self, data: bytes) -> bytes | None:
+        """The payload when ``data`` is exactly one valid netstring, else None.
+
+        Accepts precisely what the incremental path accepts for such a chunk
+        (digits, no leading zero, within the limit), so both give the same result.
+        """
+        colon = data.find(b":", 0, self._max_digits + 1)
+        if colon < 1:
+            return None
+        head = data[:colon]
+        if not head.isdigit() or (colon > 1 and data[0] == _ZERO):
+            return None
+        length = int(head)
+        if length > self._limit or len(data) != colon + length + 2 or data[-1] != _COMMA:
+            return None
+        return data[colon + 1 : -1]
 
     def _read_header(self) -> bool:
         """Consume the length prefix if complete; False when more bytes are needed."""
