@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -29,6 +29,11 @@ log = logging.getLogger("postfix_mtasts.protocol")
 #: Requests one connection may have waiting for an answer; Postfix sends one
 #: at a time, so more than this is a misbehaving client, and it is closed.
 MAX_PENDING_PER_CONNECTION = 1000
+
+#: Encoded replies remembered per protocol class, keyed by the Answer object:
+#: a warm hit returns the same Answer each time, so its bytes are made once.
+#: Cleared when full; the hot answers come back at once.
+REPLY_CACHE_ENTRIES = 4096
 
 TCP_TABLE_CODES = {
     AnswerKind.OK: 200,
@@ -49,6 +54,14 @@ def describe_peer(address: IAddress | None) -> str:
 
 class _LookupProtocol(Protocol):
     """What socketmap and tcp_table share: ordering, idle timeout, errors."""
+
+    # Per subclass (see __init_subclass__): id(answer) → (answer, its reply).
+    # The answer is held, so its id cannot be reused while it is here.
+    _replies: ClassVar[dict[int, tuple[Answer, bytes]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._replies = {}
 
     def __init__(self, responder: Responder, idle_timeout: float, clock: IReactorTime | None = None) -> None:
         self.responder = responder
@@ -183,10 +196,19 @@ class _LookupProtocol(Protocol):
             self._close()
 
     def _encode_safely(self, answer: Answer) -> bytes:
+        replies = self._replies
+        known = replies.get(id(answer))
+        if known is not None and known[0] is answer:
+            return known[1]
         try:
-            return self.encode(answer)
+            reply = self.encode(answer)
         except ReplyTooLong as e:
             too_long = e
+        else:
+            if len(replies) >= REPLY_CACHE_ENTRIES:
+                replies.clear()
+            replies[id(answer)] = (answer, reply)
+            return reply
         # Drop the optional TLSRPT policy_string attributes first; match= and
         # the rest of the policy are never shortened.
         essential = essential_answer(answer)
@@ -224,7 +246,7 @@ class SocketmapProtocol(_LookupProtocol):
     def encode(self, answer: Answer) -> bytes:
         # Postfix logs the text of TEMP and PERM replies; NOTFOUND carries none.
         data = "" if answer.kind is AnswerKind.NOTFOUND else answer.data
-        return socketmap.encode_reply(answer.kind.value, data)
+        return socketmap.encode_reply(answer.kind._value_, data)
 
 
 class TcpTableProtocol(_LookupProtocol):

@@ -181,7 +181,7 @@ class ServiceCounters:
     fetch_seconds: float = 0.0
 
     def count_answer(self, profile: str, answer: Answer) -> None:
-        self.by_profile[(profile, answer.kind.value)] += 1
+        self.by_profile[(profile, answer.kind._value_)] += 1
 
     def count_fetch(self, seconds: float) -> None:
         self.fetch_counts[bisect.bisect_left(FETCH_BUCKETS, seconds)] += 1
@@ -220,7 +220,7 @@ class CountingResponder(Responder):
     def respond(self, profile_name: str, key: bytes) -> Answer | Deferred[Answer]:
         result = super().respond(profile_name, key)
         # Unknown map names are counted together: the label set stays bounded.
-        profile = profile_name if profile_name in self.profiles else UNKNOWN_PROFILE
+        profile = profile_name if profile_name in self._profiles else UNKNOWN_PROFILE
         if isinstance(result, Deferred):
             def counted(answer: Answer) -> Answer:
                 self.counters.count_answer(profile, answer)

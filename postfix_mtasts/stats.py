@@ -40,7 +40,8 @@ class LookupStats:
     def count_hit(self, answer: Answer) -> None:
         """A lookup answered from memory; its latency counts as the first bucket."""
         self.hits += 1
-        self.answers[answer.kind.value] += 1
+        # _value_, not .value: the same string without enum's descriptor call.
+        self.answers[answer.kind._value_] += 1
         self.latency_counts[0] += 1
 
     def count_skip(self, answer: Answer) -> None:

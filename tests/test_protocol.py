@@ -272,3 +272,35 @@ def test_factories_build_protocols_sharing_the_responder_and_clock() -> None:
     assert responder.asked == [("strict", b"a.example")]
     clock.advance(7)
     assert closed(transport)
+
+
+def test_reply_cache_gives_the_same_bytes_as_encoding_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from postfix_mtasts import protocol as protocol_module
+
+    monkeypatch.setattr(protocol_module, "REPLY_CACHE_ENTRIES", 3)
+    monkeypatch.setattr(SocketmapProtocol, "_replies", {})
+    answers = {f"d{i}.example".encode(): Answer.ok(f"secure match=mx.d{i}.example") for i in range(5)}
+    answers[b"none.example"] = Answer.notfound("no policy")
+    proto, transport = connect_socketmap(ScriptedResponder(dict(answers)))
+    keys = list(answers) * 3
+    for key in keys:
+        proto.dataReceived(socketmap.encode_request("postfix", key))
+        assert len(SocketmapProtocol._replies) <= 3
+    expected = [socketmap.encode_reply(answers[k].kind.value, "" if k == b"none.example" else answers[k].data)
+                for k in keys]
+    assert written(transport) == b"".join(expected)
+    # Each protocol class keeps its own: a tcp_table reply is never sent on socketmap.
+    assert TcpTableProtocol._replies is not SocketmapProtocol._replies
+
+
+def test_reply_cache_is_keyed_by_the_answer_object_not_its_address() -> None:
+    first = Answer.ok("secure match=mx.first.example")
+    responder = ScriptedResponder({b"a.example": first})
+    proto, transport = connect_socketmap(responder)
+    proto.dataReceived(socketmap.encode_request("postfix", b"a.example"))
+    # An equal-looking cache slot for another object must not be used.
+    other = Answer.ok("secure match=mx.other.example")
+    SocketmapProtocol._replies[id(other)] = (first, b"wrong")
+    responder.script[b"b.example"] = other
+    proto.dataReceived(socketmap.encode_request("postfix", b"b.example"))
+    assert socketmap_replies(transport) == [("OK", first.data), ("OK", other.data)]
