@@ -315,7 +315,7 @@ class Auditor:
                 Topic.POLICY_HOST_HTTP,
                 f"{url}: {reason}",
                 meaning,
-                f"serve {POLICY_PATH} without compression (no Content-Encoding)",
+                f"serve {POLICY_PATH} uncompressed or gzip-compressed (no other Content-Encoding)",
             )
         if _TRACE_STATUS.match(reason):
             return Finding.error(

@@ -3,7 +3,7 @@
 One fetch is one GET of ``https://mta-sts.<domain>/.well-known/mta-sts.txt``:
 the name is resolved by the daemon's own resolver, the certificate must chain
 to the trust root and name the host (SAN only, via service_identity), TLS 1.2
-or later, no redirects, status 200, ``text/plain``, no content coding, a
+or later, no redirects, status 200, ``text/plain``, no content coding but gzip, a
 capped body, and one deadline for all of it. Every outcome is a value
 (:class:`FetchOK` or :class:`FetchFailed`) with a trace of what happened.
 
