@@ -1,20 +1,19 @@
 """DNS discovery: the ``_mta-sts`` TXT record (RFC 8461 §3.1) and the
-addresses of a host, through dnspython's asyncio resolver.
+addresses of a host, through dnspython's async resolver.
 
-dnspython runs on the asyncio loop under Twisted's asyncio reactor; every call
-is bridged explicitly (asyncio task → Deferred), because awaiting an asyncio
-coroutine directly inside Twisted-driven coroutines does not work.
+dnspython does the resolving; its sockets and timers are the reactor's, through
+:class:`~postfix_mtasts.resolver.twisted_backend.TwistedBackend`, so any Twisted
+reactor will do and cancelling the awaiting Deferred stops the query.
 DNS outcomes are returned as values (TxtFound/TxtAbsent/TxtFailed), never raised.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -25,11 +24,12 @@ import dns.resolver
 import dns.rrset
 from dns.message import Message
 from dns.rdtypes.ANY.SOA import SOA
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 
 from postfix_mtasts import limits
 from postfix_mtasts.policy.txt import parse_sts_records
 from postfix_mtasts.resolver import TxtAbsent, TxtFailed, TxtFound, TxtResult
+from postfix_mtasts.resolver.twisted_backend import TwistedBackend, cancellable
 
 #: Where the system's resolver configuration lives.
 RESOLV_CONF = "/etc/resolv.conf"
@@ -42,8 +42,6 @@ EDNS_PAYLOAD = 1232
 STS_LABEL = "_mta-sts"
 #: The port a nameserver without one listens on.
 DNS_PORT = 53
-
-_T = TypeVar("_T")
 
 
 class RecordLookupError(Exception):
@@ -154,7 +152,8 @@ class DnsResolver:
     Without ``nameservers`` it uses the system's resolv.conf; otherwise only
     the given ``ADDRESS[:PORT]`` servers. dnspython's cache stays off (the
     policy cache above decides what to remember); EDNS0 is on and truncated
-    UDP answers are retried over TCP.
+    UDP answers are retried over TCP. Queries run on ``reactor`` (the global
+    one when None, looked up at the first query).
     """
 
     def __init__(
@@ -163,8 +162,10 @@ class DnsResolver:
         timeout: float = limits.DNS_TIMEOUT,
         *,
         resolv_conf: str = RESOLV_CONF,
+        reactor: Any = None,
     ) -> None:
         self.timeout = float(timeout)
+        self._backend = TwistedBackend(reactor)
         self._unconfigured: str | None = None
         resolver = dns.asyncresolver.Resolver(configure=False)
         if nameservers:
@@ -255,8 +256,10 @@ class DnsResolver:
         if self._unconfigured is not None:
             return _Failure(self._unconfigured)
         try:
-            answer = await _bridge(
-                lambda: self._resolver.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
+            answer = await cancellable(
+                self._resolver.resolve(
+                    qname, rdtype, raise_on_no_answer=False, search=False, backend=self._backend
+                )
             )
         except dns.resolver.NXDOMAIN as error:
             responses: dict[dns.name.Name, Message] = error.kwargs.get("responses", {})
@@ -311,16 +314,3 @@ def _describe_errors(errors: Sequence[tuple[Any, ...]]) -> str:
             parts.append(part)
     return "; ".join(parts) or "no DNS nameserver answered"
 
-
-async def _bridge(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run the asyncio coroutine ``make()`` as a task on the running loop and
-    await it as a Deferred, so cancelling the caller cancels the task (and the
-    caller sees Twisted's CancelledError, as ``addTimeout`` expects)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        raise RuntimeError("DnsResolver needs Twisted's asyncio reactor to be running") from None
-    try:
-        return await Deferred.fromFuture(loop.create_task(make()))
-    except asyncio.CancelledError:
-        raise CancelledError() from None
