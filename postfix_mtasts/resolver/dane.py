@@ -8,6 +8,10 @@ Every MX host with usable TLSA records gives ``dane-only``, some of them
 answers TEMP rather than falling back to MTA-STS, which an attacker who can
 break DNSSEC answers could otherwise force. Results are kept in memory for the
 DNS TTLs; they are cheap to find again after a restart.
+
+The queries are dnspython's, on the reactor through
+:class:`~postfix_mtasts.resolver.twisted_backend.TwistedBackend`, so any
+Twisted reactor will do.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from postfix_mtasts import limits
-from postfix_mtasts.asyncio_bridge import from_asyncio
 from postfix_mtasts.policy.model import Answer, AnswerKind
 from postfix_mtasts.resolver.dns import EDNS_PAYLOAD, parse_nameserver
+from postfix_mtasts.resolver.twisted_backend import TwistedBackend, cancellable
 
 log = logging.getLogger("postfix_mtasts.dane")
 
@@ -119,12 +123,16 @@ class _Reply:
 
 
 class DaneResolver:
-    """Asks one trusted validating resolver (with the DO bit) about MX and TLSA."""
+    """Asks one trusted validating resolver (with the DO bit) about MX and TLSA,
+    on ``reactor`` (the global one when None, looked up at the first query)."""
 
-    def __init__(self, nameservers: Sequence[str], timeout: float = limits.DNS_TIMEOUT) -> None:
+    def __init__(
+        self, nameservers: Sequence[str], timeout: float = limits.DNS_TIMEOUT, *, reactor: Any = None
+    ) -> None:
         if not nameservers:
             raise ValueError("DANE needs the address of a DNSSEC-validating resolver")
         self.timeout = float(timeout)
+        self._backend = TwistedBackend(reactor)
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [
             dns.nameserver.Do53Nameserver(*parse_nameserver(text)) for text in nameservers
@@ -182,8 +190,10 @@ class DaneResolver:
         qname = dns.name.from_text(name)
         what = f"{dns.rdatatype.to_text(rdtype)} {name.rstrip('.')}"
         try:
-            answer = await from_asyncio(
-                self._resolver.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
+            answer = await cancellable(
+                self._resolver.resolve(
+                    qname, rdtype, raise_on_no_answer=False, search=False, backend=self._backend
+                )
             )
         except dns.resolver.NXDOMAIN as error:
             responses: dict[dns.name.Name, dns.message.Message] = error.kwargs.get("responses", {})
@@ -195,7 +205,7 @@ class DaneResolver:
             if "SERVFAIL" in problems:
                 raise _Bogus(f"{what}: SERVFAIL from the validating resolver (DNSSEC bogus?)") from None
             raise _Unanswered(f"{what}: {', '.join(map(str, problems)) or 'no answer'}") from None
-        except (dns.exception.Timeout, TimeoutError):
+        except dns.exception.Timeout:
             raise _Unanswered(f"{what}: timeout after {self.timeout:g}s") from None
         except (dns.exception.DNSException, OSError) as error:
             raise _Unanswered(f"{what}: {error}") from None
