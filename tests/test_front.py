@@ -1,4 +1,4 @@
-"""MemoryFront: the bounded LRU before the store, and its precomputed answers."""
+"""MemoryFront: the bounded map before the store (second-chance eviction) and its precomputed answers."""
 
 from __future__ import annotations
 
@@ -25,46 +25,83 @@ def test_front_needs_room_for_one_entry() -> None:
         MemoryFront(0)
 
 
-def test_least_recently_used_entry_is_evicted_first() -> None:
+def test_an_entry_used_since_the_last_sweep_survives_the_next_one() -> None:
     front = MemoryFront(3)
     for domain in ("a", "b", "c"):
         front.put(fetched_entry(domain))
-    assert front.get("a") is not None  # a becomes most recent; b is now oldest
+    assert front.get("a") is not None
     front.put(fetched_entry("d"))
-    assert "b" not in front
-    assert [e.domain for e in front.entries()] == ["c", "a", "d"]
-    assert (len(front), front.evictions) == (3, 1)
+    assert [e.domain for e in front.entries()] == ["a", "c", "d"]
+    # That sweep cleared a's flag: unused since, it is now the first to go.
+    front.put(fetched_entry("e"))
+    assert [e.domain for e in front.entries()] == ["c", "d", "e"]
+    assert (len(front), front.evictions) == (3, 2)
 
 
-def test_peek_does_not_change_the_order_but_cached_answer_does() -> None:
+def test_when_every_entry_was_used_the_oldest_goes_and_never_the_new_one() -> None:
+    front = MemoryFront(3)
+    for domain in ("a", "b", "c"):
+        front.put(fetched_entry(domain))
+        front.get(domain)
+    front.put(fetched_entry("d"))
+    assert [e.domain for e in front.entries()] == ["b", "c", "d"]
+
+
+def test_peek_does_not_count_as_a_use_but_cached_answer_does() -> None:
     front = MemoryFront(2)
-    front.put(fetched_entry("a"))
-    front.put(fetched_entry("b"))
+    for domain in ("a", "b"):
+        front.put(fetched_entry(domain))
     assert front.peek("a") is not None
     front.put(fetched_entry("c"))
-    assert "a" not in front and "b" in front
+    assert "a" not in front
     assert front.cached_answer("b", False) is not None
     front.put(fetched_entry("d"))
-    assert "c" not in front and "b" in front
+    assert "b" in front and "c" not in front
 
 
-def test_replacing_an_entry_does_not_evict_and_moves_it_to_the_end() -> None:
+def test_replacing_an_entry_does_not_evict_and_counts_as_a_use() -> None:
     front = MemoryFront(2)
-    front.put(fetched_entry("a"))
-    front.put(fetched_entry("b"))
+    for domain in ("a", "b"):
+        front.put(fetched_entry(domain))
     front.put(fetched_entry("a", checked_at=5.0))
     assert front.evictions == 0
-    assert [e.domain for e in front.entries()] == ["b", "a"]
     assert front.peek("a") == fetched_entry("a", checked_at=5.0)
+    front.put(fetched_entry("c"))
+    assert "a" in front and "b" not in front
 
 
 def test_bound_holds_under_many_inserts() -> None:
     front = MemoryFront(100)
     for i in range(1000):
         front.put(fetched_entry(f"d{i}"))
-    assert len(front) == 100
-    assert front.evictions == 900
-    assert [e.domain for e in front.entries()] == [f"d{i}" for i in range(900, 1000)]
+        assert len(front) <= 100
+    assert front.evictions == 1000 - len(front)
+    # A sweep frees a sixteenth of the room at once; the newest are kept.
+    assert 100 - 100 // 16 <= len(front) <= 100
+    assert [e.domain for e in front.entries()] == [f"d{i}" for i in range(1000 - len(front), 1000)]
+
+
+def test_a_hot_entry_survives_a_stream_of_new_ones() -> None:
+    front = MemoryFront(64)
+    front.put(fetched_entry("hot"))
+    for i in range(10_000):
+        front.put(fetched_entry(f"cold{i}"))
+        assert front.cached_answer("hot", False) is not None
+
+
+def test_refresh_marks_live_with_the_slot() -> None:
+    front = MemoryFront(10)
+    mark = object()
+    front.set_refresh_mark("missing", mark)
+    assert front.refresh_mark("missing") is None
+    front.put(fetched_entry("a"))
+    assert front.refresh_mark("a") is None
+    front.set_refresh_mark("a", mark)
+    front.put(fetched_entry("a", checked_at=5.0))
+    assert front.refresh_mark("a") is mark
+    front.delete("a")
+    front.put(fetched_entry("a"))
+    assert front.refresh_mark("a") is None
 
 
 def test_precomputed_answers_are_kept_per_profile() -> None:
