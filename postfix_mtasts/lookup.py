@@ -8,8 +8,8 @@ meanwhile; only a newly fetched, valid policy replaces it.
 
 from __future__ import annotations
 
-import heapq
 import logging
+import math
 import random
 import uuid
 from collections import OrderedDict
@@ -37,6 +37,7 @@ from postfix_mtasts.resolver import (
 )
 from postfix_mtasts.resolver.dane import DaneCache, dane_precedence
 from postfix_mtasts.stats import LookupStats
+from postfix_mtasts.sysmem import release_free_memory
 
 log = logging.getLogger("postfix_mtasts.lookup")
 
@@ -54,6 +55,11 @@ LEASE_WAIT = 10.0
 LEASE_POLL = 0.25
 #: Entries put into memory between two pauses of a background warm-up.
 WARM_UP_BATCH = 5000
+#: Refreshes are scheduled to this resolution (seconds; finer when the scan
+#: interval is shorter): one list of domains per slot of time, 8 bytes per
+#: policy, instead of a heap entry (a tuple and a float) and a dictionary
+#: entry each, about 130 bytes.
+REFRESH_SLOT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +155,12 @@ class PolicyLookup:
         # so lookups joining a late resolution do not each wait it out again.
         self._inflight_since: dict[str, float] = {}
         self._traces: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-        self._refresh_heap: list[tuple[float, str, float]] = []
-        # fetched_at of the policy each domain has a refresh queued for, so
-        # that rechecks which keep a policy do not queue it again.
-        self._refresh_queued: dict[str, float] = {}
+        # Refresh schedule: slot number → domains due in it. A domain's front
+        # slot is marked with the list it was queued in, so that stale copies
+        # (superseded, evicted, flushed) are skipped and a recheck that keeps
+        # the policy does not queue it again.
+        self._refresh_wheel: dict[int, list[str]] = {}
+        self._refresh_slot = min(REFRESH_SLOT, settings.refresh_scan_interval)
         self._refresh_limit = DeferredSemaphore(max(1, settings.refresh_concurrency))
         self._refreshing: set[str] = set()
         self._touched: dict[str, float] = {}
@@ -201,6 +209,7 @@ class PolicyLookup:
                 loaded += 1
             if pause_every and count % pause_every == 0:
                 await _sleep(self.reactor, 0)
+        release_free_memory()  # what parsing the stored entries left behind
         log.info("cache %s: %d entries loaded into memory in %.2fs",
                  self.store.name, loaded, self.reactor.seconds() - started)
         return loaded
@@ -566,12 +575,21 @@ class PolicyLookup:
     # --- memory and store ---------------------------------------------------
 
     def _remember(self, entry: CacheEntry) -> None:
+        domain = entry.domain
+        previous = self.front.peek(domain)
         self.front.put(entry)
-        if (entry.source is Source.FETCHED and entry.policy is not None
-                and self._refresh_queued.get(entry.domain) != entry.fetched_at):
-            due = self._refresh_due_at(entry)
-            heapq.heappush(self._refresh_heap, (due, entry.domain, entry.fetched_at))
-            self._refresh_queued[entry.domain] = entry.fetched_at
+        if entry.source is not Source.FETCHED or entry.policy is None:
+            return
+        if (previous is not None and previous.fetched_at == entry.fetched_at
+                and self.front.refresh_mark(domain) is not None):
+            return  # the same policy, already queued
+        # Never early: the slot is handled once its start has passed.
+        number = math.ceil(self._refresh_due_at(entry) / self._refresh_slot)
+        queue = self._refresh_wheel.get(number)
+        if queue is None:
+            queue = self._refresh_wheel[number] = []
+        queue.append(domain)
+        self.front.set_refresh_mark(domain, queue)
 
     def _refresh_due_at(self, entry: CacheEntry) -> float:
         assert entry.policy is not None
@@ -650,8 +668,7 @@ class PolicyLookup:
         if domain is None:
             count = len(self.front)
             self.front.clear()
-            self._refresh_heap.clear()
-            self._refresh_queued.clear()
+            self._refresh_wheel.clear()
             self._unsaved.clear()
             await self.store.delete_all()
             return count
@@ -666,21 +683,23 @@ class PolicyLookup:
     async def _refresh_due(self) -> None:
         """Re-fetch cached policies before they expire (RFC 8461 §3.3)."""
         now = self.reactor.seconds()
-        heap = self._refresh_heap
         due: list[str] = []
-        while heap and heap[0][0] <= now:
-            _, domain, fetched_at = heapq.heappop(heap)
-            if self._refresh_queued.get(domain) == fetched_at:
-                del self._refresh_queued[domain]
-            entry = self.front.peek(domain)
-            if entry is None or entry.fetched_at != fetched_at or domain in self._refreshing:
-                continue  # superseded, evicted, or already running
-            last_used = max(entry.last_used, self._touched.get(domain, 0.0))
-            if now - last_used > self.settings.refresh_idle_limit:
-                log.info("%s: not refreshed, unused for %.0f days; the policy stays until it expires",
-                         domain, (now - last_used) / 86400)
-                continue
-            due.append(domain)
+        wheel = self._refresh_wheel
+        for number in sorted(n for n in wheel if n * self._refresh_slot <= now):
+            queue = wheel.pop(number)
+            for domain in queue:
+                if self.front.refresh_mark(domain) is not queue:
+                    continue  # superseded, evicted, flushed, or met earlier in this queue
+                self.front.set_refresh_mark(domain, None)
+                entry = self.front.peek(domain)
+                if entry is None or domain in self._refreshing:
+                    continue  # already running: it queues the next refresh when done
+                last_used = max(entry.last_used, self._touched.get(domain, 0.0))
+                if now - last_used > self.settings.refresh_idle_limit:
+                    log.info("%s: not refreshed, unused for %.0f days; the policy stays until it expires",
+                             domain, (now - last_used) / 86400)
+                    continue
+                due.append(domain)
         self.stats.refresh_queue = len(due)
         for domain in due:
             self._refreshing.add(domain)
