@@ -313,4 +313,3 @@ def _describe_errors(errors: Sequence[tuple[Any, ...]]) -> str:
         if part not in parts:
             parts.append(part)
     return "; ".join(parts) or "no DNS nameserver answered"
-
