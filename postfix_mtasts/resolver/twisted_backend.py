@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
 
+# The base classes live here; dns.asyncbackend re-exports them for backends
+# to subclass, but not in a way mypy sees.
 import dns._asyncbackend
 import dns.exception
 import dns.inet
