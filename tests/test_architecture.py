@@ -30,3 +30,41 @@ def test_pure_packages_import_nothing_impure() -> None:
     )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"pure modules pulled in: {result.stdout.strip()}"
+
+
+def test_only_the_redis_and_postgresql_stores_need_an_asyncio_loop() -> None:
+    """The daemon runs on the epoll reactor unless the cache backend is one of
+    cli.ASYNCIO_BACKENDS; no other module may rely on a running asyncio loop."""
+    from postfix_mtasts import cli
+
+    assert cli.ASYNCIO_BACKENDS == {"redis", "postgresql"}
+    package_dir = postfix_mtasts.codec.__path__[0].rsplit("/", 1)[0]
+    users = []
+    for info in pkgutil.walk_packages([package_dir], "postfix_mtasts."):
+        path = info.module_finder.path + "/" + info.name.rsplit(".", 1)[-1]  # type: ignore[union-attr]
+        source_path = path + ("/__init__.py" if info.ispkg else ".py")
+        with open(source_path, encoding="utf-8") as f:
+            text = f.read()
+        if "import asyncio" in text or "asyncio_bridge" in text or "asyncioreactor" in text:
+            users.append(info.name)
+    assert sorted(users) == [
+        "postfix_mtasts.asyncio_bridge",
+        "postfix_mtasts.cache.postgresql",
+        "postfix_mtasts.cache.redis",
+        "postfix_mtasts.cli",
+    ]
+
+
+def test_the_reactor_is_epoll_by_default_and_asyncio_when_asked() -> None:
+    program = (
+        "import sys\n"
+        "from postfix_mtasts import cli\n"
+        "reactor = cli._install_reactor(sys.argv[1] == 'asyncio')\n"
+        "print(type(reactor).__name__)\n"
+    )
+    names = [
+        subprocess.run([sys.executable, "-c", program, wanted], capture_output=True, text=True,
+                       check=True).stdout.strip()
+        for wanted in ("default", "asyncio")
+    ]
+    assert names == ["EPollReactor", "AsyncioSelectorReactor"]
