@@ -724,19 +724,22 @@ def report(results: dict[str, Any]) -> str:
         ratio(w_ours, w_peer),
         f">= 1.5x peer: {verdict(None if not (w_ours and w_peer) else w_ours >= 1.5 * w_peer)}",
     )
-    row(
-        "  floor, bare Twisted (asyncio reactor)",
-        fmt_rate(w_floor),
-        "",
-        ratio(w_ours, w_floor),
-        f">= 80% of floor: {verdict(None if not (w_ours and w_floor) else w_ours >= 0.8 * w_floor)}",
-    )
+    # postfix-mtasts runs on the epoll reactor with its default SQLite cache
+    # (the asyncio reactor only with Redis or PostgreSQL): that is its floor.
+    floor_met = None if not (w_ours and w_floor_epoll) else w_ours >= 0.8 * w_floor_epoll
     row(
         "  floor, bare Twisted (epoll reactor)",
         fmt_rate(w_floor_epoll),
         "",
         ratio(w_ours, w_floor_epoll),
-        "(for information)",
+        f">= 80% of floor: {verdict(floor_met)}",
+    )
+    row(
+        "  floor, bare Twisted (asyncio reactor)",
+        fmt_rate(w_floor),
+        "",
+        ratio(w_ours, w_floor),
+        "(the reactor with Redis/PostgreSQL)",
     )
     row("  latency p50/p99/p99.9 ms", lat(ours, "warm_hits"), lat(peer, "warm_hits"), "", "")
     row(
@@ -746,7 +749,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         "",
     )
-    row("  floor server CPU % (asyncio)", floor.get("asyncio", {}).get("server_cpu_percent"), "", "", "")
+    row("  floor server CPU % (epoll)", floor.get("epoll", {}).get("server_cpu_percent"), "", "", "")
     c_ours, c_peer = get(ours, "warm_hits", "lookups_per_cpu_s"), get(peer, "warm_hits", "lookups_per_cpu_s")
     c_floor = floor.get("asyncio", {}).get("lookups_per_cpu_s")
     row(

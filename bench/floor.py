@@ -1,8 +1,8 @@
 """The floor for any Twisted design: a bare NetstringReceiver answering a constant.
 
 No decoding of the key, no lookup: what Twisted itself costs per socketmap
-request on the given reactor ("asyncio", which postfix-mtasts must use for
-dnspython, or "epoll").
+request on the given reactor: "epoll" (postfix-mtasts's own with its default
+SQLite cache) or "asyncio" (its reactor with Redis or PostgreSQL).
 
     python bench/floor.py PORT [asyncio|epoll]
 """
