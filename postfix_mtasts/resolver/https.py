@@ -172,11 +172,12 @@ class HttpsPolicyFetcher:
     ) -> None:
         self._reactor = reactor
         self._addresses = addresses
-        # One context for every fetch: the trust store is loaded once; what
-        # differs per connection (SNI, verify callback) is set per connection.
-        self._tls_options = CertificateOptions(
-            trustRoot=load_trust_root(ca_file), raiseMinimumTo=MINIMUM_TLS_VERSION
-        )
+        # One context for every fetch: the trust store is loaded and the verify
+        # callback installed once; a connection brings only its SNI name and its
+        # attempt (see _AttemptConnection).
+        options = CertificateOptions(trustRoot=load_trust_root(ca_file), raiseMinimumTo=MINIMUM_TLS_VERSION)
+        self._tls_context: SSL.Context = options.getContext()
+        self._tls_context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_policy_host)
         self._timeout = timeout
         self._port = port
         self._body_limit = body_limit
@@ -206,7 +207,7 @@ class HttpsPolicyFetcher:
 
     async def _fetch(self, attempt: _Attempt) -> FetchOK:
         """The fetch proper, without the deadline: raises :class:`_FetchError` on failure."""
-        tls = _PolicyHostTLS(self._tls_options, attempt)
+        tls = _PolicyHostTLS(self._tls_context, attempt)
         pool = HTTPConnectionPool(self._reactor, persistent=False)  # type: ignore[no-untyped-call]
         agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
             self._reactor, _PolicyHostEndpointFactory(attempt, tls), pool=pool
@@ -398,38 +399,60 @@ class _PolicyHostTLS:
     "certificate verify failed".
     """
 
-    def __init__(self, options: CertificateOptions, attempt: _Attempt) -> None:
-        self._options = options
+    def __init__(self, context: SSL.Context, attempt: _Attempt) -> None:
+        self._context = context
         self._attempt = attempt
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = SSL.Connection(self._options.getContext(), None)
-        connection.set_tlsext_host_name(self._attempt.host.encode("ascii"))
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
-        self._attempt.tls_connection = connection
+        attempt = self._attempt
+        connection = _AttemptConnection(self._context, attempt)
+        connection.set_tlsext_host_name(attempt.host.encode("ascii"))
+        attempt.tls_connection = connection
         return connection
 
-    def _verify(self, connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int) -> bool:
-        """OpenSSL's verify callback: keep its chain verdict, add the name check at the leaf."""
-        attempt = self._attempt
-        try:
-            if depth == 0:
-                attempt.certificate = certificate.to_cryptography()
-            if not ok:
-                problem = VERIFY_ERRORS.get(error, f"certificate not accepted (OpenSSL verify error {error})")
-                attempt.certificate_problems.append(problem + (f" (chain depth {depth})" if depth else ""))
-                return False
-            if depth != 0:
-                return True
-            try:
-                verify_certificate_hostname(certificate.to_cryptography(), attempt.host)
-            except (VerificationError, CertificateError):
-                attempt.certificate_problems.append(f"certificate not valid for {attempt.host}")
-                return False
-            return True
-        except Exception as unexpected:
-            attempt.certificate_problems.append(f"certificate check failed: {one_line(unexpected)}")
+
+class _AttemptConnection(SSL.Connection):
+    """A TLS connection that knows its attempt, for the verify callback shared by all connections.
+
+    (Twisted keeps OpenSSL's app data for its own protocol object.)
+    """
+
+    def __init__(self, context: SSL.Context, attempt: _Attempt) -> None:
+        super().__init__(context, None)
+        self.attempt = attempt
+
+
+def _verify_policy_host(
+    connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int
+) -> bool:
+    """OpenSSL's verify callback: keep its chain verdict, add the name check at the leaf.
+
+    Installed once on the fetcher's context; it reports to the attempt of the
+    connection (an :class:`_AttemptConnection`, made by :class:`_PolicyHostTLS`).
+    """
+    if not isinstance(connection, _AttemptConnection):
+        return False
+    attempt = connection.attempt
+    try:
+        # At the leaf, one conversion serves both the name check and the trace line.
+        leaf = certificate.to_cryptography() if depth == 0 else None
+        if leaf is not None:
+            attempt.certificate = leaf
+        if not ok:
+            problem = VERIFY_ERRORS.get(error, f"certificate not accepted (OpenSSL verify error {error})")
+            attempt.certificate_problems.append(problem + (f" (chain depth {depth})" if depth else ""))
             return False
+        if leaf is None:
+            return True
+        try:
+            verify_certificate_hostname(leaf, attempt.host)
+        except (VerificationError, CertificateError):
+            attempt.certificate_problems.append(f"certificate not valid for {attempt.host}")
+            return False
+        return True
+    except Exception as unexpected:
+        attempt.certificate_problems.append(f"certificate check failed: {one_line(unexpected)}")
+        return False
 
 
 @implementer(IAgentEndpointFactory)
