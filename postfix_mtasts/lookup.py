@@ -257,15 +257,25 @@ class PolicyLookup:
     # --- answering ----------------------------------------------------------
 
     def answer_now(self, domain: str, enforce_testing: bool | AnswerOptions) -> Answer | None:
-        """The answer from memory if it needs no I/O at all, else None."""
-        wanted = AnswerOptions.of(enforce_testing)
-        hit = self.front.cached_answer(domain, wanted)
-        if hit is None:
+        """The answer from memory if it needs no I/O at all, else None.
+
+        The warm-hit path: every lookup Postfix makes for a cached domain
+        runs this, so the rules of ``in_force`` and ``_recheck_due`` are
+        spelled out here rather than called.
+        """
+        wanted = enforce_testing
+        if type(wanted) is not AnswerOptions:
+            wanted = AnswerOptions.of(wanted)
+        slot = self.front.use(domain)
+        if slot is None:
             return None
-        entry, answer = hit
+        entry = slot.entry
         now = self.reactor.seconds()
-        if not entry.in_force(now) or self._recheck_due(entry, now):
+        if now >= entry.expires_at or (entry.source is Source.FETCHED
+                                       and now - entry.checked_at >= self.settings.recheck_interval):
             return None
+        answers = slot.answers
+        answer = None if answers is None else answers.get(wanted)
         if answer is None:
             answer = entry_answer(entry, wanted)
             self.front.remember_answer(domain, wanted, answer)

@@ -237,6 +237,25 @@ class SocketmapProtocol(_LookupProtocol):
         super().__init__(responder, idle_timeout, clock)
         self._decoder = socketmap.SocketmapDecoder()
 
+    def dataReceived(self, data: bytes) -> None:
+        # Postfix's usual case, without the general path's lists and loop:
+        # one whole request in the chunk and no earlier one still waiting.
+        if not self._pending and not self._closed and not self._draining:
+            request = self._decoder.whole_request(data)
+            if request is not None:
+                self._arm_idle_timer()
+                try:
+                    result = self.responder.respond(*request)
+                except Exception:
+                    log.exception("%s: internal error answering a request", self.peer)
+                    result = Answer.temp("internal error")
+                if isinstance(result, Deferred):
+                    self._queue(result)
+                else:
+                    self._write(self._encode_safely(result))
+                return
+        super().dataReceived(data)
+
     def decode(self, data: bytes) -> list[Any]:
         return self._decoder.feed(data)
 

@@ -352,3 +352,32 @@ def test_one_chunk_shortcut_gives_the_request() -> None:
     assert decoder.feed(b"19:postfix example.com,") == [SocketmapRequest("postfix", b"example.com")]
     assert decoder.buffered == 0
     assert decoder.feed(b"19:postfix example.org,") == [SocketmapRequest("postfix", b"example.org")]
+
+
+def _feed_outcome(data: bytes) -> object:
+    try:
+        return SocketmapDecoder().feed(data)
+    except FramingError as e:
+        return ("framing error", e.reason)
+
+
+@given(stream=st.one_of(streams, st.binary(max_size=60),
+                        st.builds(lambda n, k: encode_request(n, k), names, keys)))
+def test_whole_request_agrees_with_feed(stream: bytes) -> None:
+    """The protocol's one-request shortcut gives what feed gives, or steps aside."""
+    quick = SocketmapDecoder().whole_request(stream)
+    if quick is not None:
+        assert _feed_outcome(stream) == [SocketmapRequest(name=quick[0], key=quick[1])]
+
+
+@given(name=names, key=keys)
+def test_whole_request_takes_every_single_request(name: str, key: bytes) -> None:
+    assert SocketmapDecoder().whole_request(encode_request(name, key)) == (name, key)
+
+
+def test_whole_request_steps_aside_while_a_request_is_half_read() -> None:
+    decoder = SocketmapDecoder()
+    assert decoder.feed(b"15:postfix exa") == []
+    assert decoder.whole_request(b"11:postfix a.b,") is None
+    assert decoder.feed(b"mple,") == [SocketmapRequest(name="postfix", key=b"example")]
+    assert decoder.whole_request(b"11:postfix a.b,") == ("postfix", b"a.b")

@@ -23,7 +23,9 @@ from postfix_mtasts.policy.model import Answer
 SWEEP_SLACK = 16
 
 
-class _Slot:
+class Slot:
+    """One domain in memory: its entry, the answers made from it, and flags."""
+
     __slots__ = ("answers", "entry", "refresh_mark", "used")
 
     def __init__(self, entry: CacheEntry) -> None:
@@ -47,7 +49,7 @@ class MemoryFront:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, Slot] = {}
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -63,6 +65,13 @@ class MemoryFront:
             return None
         slot.used = True
         return slot.entry
+
+    def use(self, domain: str) -> Slot | None:
+        """The slot of ``domain``, marked used: the warm-hit path's one call."""
+        slot = self._slots.get(domain)
+        if slot is not None:
+            slot.used = True
+        return slot
 
     def peek(self, domain: str) -> CacheEntry | None:
         """The entry for ``domain`` without marking it used."""
@@ -117,14 +126,14 @@ class MemoryFront:
             return
         if len(self._slots) >= self.max_entries:
             self._sweep()  # before inserting: a new entry is never the one evicted
-        self._slots[domain] = _Slot(entry)
+        self._slots[domain] = Slot(entry)
 
     def _sweep(self) -> None:
         """Evict, oldest first, entries unused since the last sweep, until
         there is room for one more and the slack; the survivors' flags are cleared."""
         target = self.max_entries - 1 - self.max_entries // SWEEP_SLACK
         excess = len(self._slots) - target
-        kept: dict[str, _Slot] = {}
+        kept: dict[str, Slot] = {}
         for domain, slot in self._slots.items():
             if excess > 0 and not slot.used:
                 excess -= 1

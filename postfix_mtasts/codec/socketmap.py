@@ -83,6 +83,13 @@ class _NetstringReader:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    def whole_if_idle(self, data: bytes) -> bytes | None:
+        """The payload when nothing is buffered and ``data`` is exactly one
+        valid netstring; None otherwise (``feed`` then handles ``data``)."""
+        if self._buffer or self._payload_length is not None or self._error is not None:
+            return None
+        return self._whole(data)
+
     def feed(self, data: bytes) -> tuple[list[bytes], str | None]:
         """Return the complete payloads in ``data`` and the framing error met, if any."""
         if self._error is not None:
@@ -182,6 +189,18 @@ class SocketmapDecoder:
     def buffered(self) -> int:
         """Bytes held while waiting for the rest of a request."""
         return self._reader.buffered
+
+    def whole_request(self, data: bytes) -> tuple[str, bytes] | None:
+        """``(name, key)`` when ``data`` is exactly one well-formed request and
+        nothing is buffered, as Postfix sends them; None for anything else,
+        which :meth:`feed` must then be given. Decodes like :meth:`feed`."""
+        payload = self._reader.whole_if_idle(data)
+        if payload is None:
+            return None
+        name, space, key = payload.partition(b" ")
+        if not (space and name and key):
+            return None
+        return name.decode("ascii", "replace"), key
 
     def feed(self, data: bytes) -> list[SocketmapEvent]:
         payloads, error = self._reader.feed(data)
