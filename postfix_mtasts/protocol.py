@@ -72,6 +72,7 @@ class _LookupProtocol(Protocol):
             clock = cast(IReactorTime, reactor)
         self._clock: IReactorTime = clock
         self._idle_call: IDelayedCall | None = None
+        self._active_at = 0.0
         # Each slot is a one-element list: the encoded reply, or None while
         # its lookup is still running.
         self._pending: deque[list[bytes | None]] = deque()
@@ -104,19 +105,22 @@ class _LookupProtocol(Protocol):
         self._idle_call = None
 
     def _arm_idle_timer(self) -> None:
-        """(Re)start the idle countdown: on connect, each whole request and each reply."""
-        call = self._idle_call
-        if call is not None and call.active():
-            call.reset(self.idle_timeout)
-        else:
+        """Note activity (connect, each whole request, each reply): the idle
+        countdown runs from now. Only a time is written; the timer, when it
+        fires, waits again for whatever is left (cheaper than moving it each time)."""
+        self._active_at = self._clock.seconds()
+        if self._idle_call is None:
             self._idle_call = self._clock.callLater(self.idle_timeout, self._idle_expired)
 
     def _idle_expired(self) -> None:
         self._idle_call = None
         if self._closed:
             return
-        if self._pending:
-            self._arm_idle_timer()  # a lookup is still running: not idle
+        left = self._active_at + self.idle_timeout - self._clock.seconds()
+        if left > 0 or self._pending:
+            # Active since, or a lookup is still running: not idle.
+            self._idle_call = self._clock.callLater(left if left > 0 else self.idle_timeout,
+                                                    self._idle_expired)
             return
         log.debug("%s: closing idle connection after %gs", self.peer, self.idle_timeout)
         self._close()

@@ -23,6 +23,9 @@ log = logging.getLogger("postfix_mtasts.lookup")
 
 #: The profile a tcp_table listener and a bare ``socketmap:...:postfix`` use.
 DEFAULT_PROFILE = "postfix"
+#: The profile name answers to unknown map names are counted under, so that
+#: the set of counted names stays bounded.
+UNKNOWN_PROFILE = "(unknown)"
 #: Raw keys whose classification is remembered, so that a repeated key skips
 #: parsing (IP-literal check, IDNA, label rules). Cleared when full: the hot
 #: set of next hops refills it at once. About 200 bytes per key.
@@ -36,16 +39,29 @@ class ProfileOptions(Protocol):
     def enforce_testing(self) -> bool: ...
 
 
+class AnswerCounter(Protocol):
+    """Counts answers per profile (the service's counters)."""
+
+    def count_answer(self, profile: str, answer: Answer) -> None: ...
+
+
 class Responder:
-    """Answers one request; shared by every connection of every listener."""
+    """Answers one request; shared by every connection of every listener.
+
+    With ``counters``, every answer is counted under its profile's name
+    (under :data:`UNKNOWN_PROFILE` for unknown map names) once it is known.
+    """
 
     def __init__(
         self,
         lookup: PolicyLookup,
         profiles: Mapping[str, ProfileOptions],
         bracketed: BracketedNextHop = BracketedNextHop.IGNORE,
+        *,
+        counters: AnswerCounter | None = None,
     ) -> None:
         self.lookup = lookup
+        self.counters = counters
         self._profiles = profiles
         self._bracketed = bracketed
         # Per profile name: the profile object and its AnswerOptions, built once.
@@ -90,21 +106,36 @@ class Responder:
         return options
 
     def respond(self, profile_name: str, key: bytes) -> Answer | Deferred[Answer]:
+        counters = self.counters
         profile = self._profiles.get(profile_name)
         if profile is None:
             known = ", ".join(sorted(self.profiles))
             log.warning("request for unknown map name %r (configured profiles: %s)", profile_name, known)
-            return Answer.perm(f"unknown map name {profile_name!r}; configured: {known}")
+            refused = Answer.perm(f"unknown map name {profile_name!r}; configured: {known}")
+            if counters is not None:
+                counters.count_answer(UNKNOWN_PROFILE, refused)
+            return refused
         decision = self._classify(key)
         if not isinstance(decision, Resolve):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%r: not found without lookup (%s)", key, decision.reason)
             skipped = Answer.notfound(decision.reason)
             self.lookup.stats.count_skip(skipped)
+            if counters is not None:
+                counters.count_answer(profile_name, skipped)
             return skipped
         # enforce_testing, and the optional tlsrpt, tlsrpt_policy_failure and dane.
         options = self._answer_options(profile_name, profile)
         cached = self.lookup.answer_now(decision.domain, options)
         if cached is not None:
+            if counters is not None:
+                counters.count_answer(profile_name, cached)
             return cached
-        return Deferred.fromCoroutine(self.lookup.lookup(decision.domain, options))
+        resolving = Deferred.fromCoroutine(self.lookup.lookup(decision.domain, options))
+        if counters is not None:
+            def counted(answer: Answer, counters: AnswerCounter = counters) -> Answer:
+                counters.count_answer(profile_name, answer)
+                return answer
+
+            resolving.addCallback(counted)
+        return resolving

@@ -56,8 +56,6 @@ DRAIN_POLL = 0.05
 STATUS_INTERVAL = 30.0
 #: Upper bounds (seconds) of the policy fetch duration buckets.
 FETCH_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-#: Profile label for requests naming a map the configuration does not know.
-UNKNOWN_PROFILE = "(unknown)"
 #: Name of the runtime and state directories a daemon may hand to its user.
 OWN_DIRECTORY_NAME = "postfix-mtasts"
 #: Side files of an SQLite database in WAL mode, handed over with it.
@@ -210,28 +208,6 @@ class TimedFetcher:
             self.counters.count_fetch(self.clock.seconds() - started)
 
 
-class CountingResponder(Responder):
-    """A :class:`Responder` that also counts each answer under its profile."""
-
-    def __init__(self, *args: Any, counters: ServiceCounters, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.counters = counters
-
-    def respond(self, profile_name: str, key: bytes) -> Answer | Deferred[Answer]:
-        result = super().respond(profile_name, key)
-        # Unknown map names are counted together: the label set stays bounded.
-        profile = profile_name if profile_name in self._profiles else UNKNOWN_PROFILE
-        if isinstance(result, Deferred):
-            def counted(answer: Answer) -> Answer:
-                self.counters.count_answer(profile, answer)
-                return answer
-
-            result.addCallback(counted)
-        else:
-            self.counters.count_answer(profile, result)
-        return result
-
-
 # --- connections, tracked so that shutdown can let them finish ----------------------
 
 
@@ -360,7 +336,7 @@ class Daemon:
         self.lookup = build_lookup(self.reactor, config, self.store)
         self.lookup.fetcher = TimedFetcher(self.lookup.fetcher, self.reactor, self.counters)
         await self.lookup.start(warm_in_background=True)
-        self.responder = CountingResponder(
+        self.responder = Responder(
             self.lookup,
             config.profiles,
             BracketedNextHop(config.policy.bracketed_next_hop),

@@ -183,6 +183,19 @@ def test_idle_connection_closes_after_the_timeout() -> None:
     assert closed(transport)
 
 
+def test_requests_keep_one_idle_timer_and_each_pushes_the_close_back() -> None:
+    clock = Clock()
+    protocol, transport = connect_socketmap(ScriptedResponder({b"a.example": OK_A}), clock, idle=300)
+    for _ in range(100):
+        clock.advance(250)
+        protocol.dataReceived(socketmap.encode_request("postfix", b"a.example"))
+        assert len(clock.getDelayedCalls()) == 1
+    clock.advance(299.5)
+    assert not closed(transport)
+    clock.advance(0.5)
+    assert closed(transport)
+
+
 def test_a_request_dripped_byte_by_byte_does_not_keep_the_connection_open() -> None:
     clock = Clock()
     protocol, transport = connect_socketmap(ScriptedResponder({b"a.example": OK_A}), clock, idle=300)

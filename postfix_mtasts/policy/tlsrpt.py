@@ -18,7 +18,7 @@ Postfix 3.10 and later only.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postfix_mtasts.policy.model import Answer, AnswerKind, Policy
 
@@ -58,6 +58,16 @@ class AnswerOptions:
     tlsrpt: bool = False
     policy_failure: bool = False
     dane: bool = False
+    # Computed once: every warm hit looks its answer up by these options.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "_hash", hash((self.enforce_testing, self.tlsrpt, self.policy_failure, self.dane))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def of(cls, profile: object) -> AnswerOptions:
