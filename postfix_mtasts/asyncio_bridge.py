@@ -1,7 +1,7 @@
-"""Await asyncio coroutines (redis.asyncio, psycopg, dnspython) from Twisted code.
+"""Await asyncio coroutines (redis.asyncio, psycopg) from Twisted code.
 
-The daemon runs on Twisted's asyncio reactor, so the asyncio loop is the one
-already running; a coroutine made for asyncio still has to be wrapped in a
+With the Redis or PostgreSQL cache the daemon runs on Twisted's asyncio
+reactor (cli.ASYNCIO_BACKENDS), so the asyncio loop is the one already running; a coroutine made for asyncio still has to be wrapped in a
 Task and a Deferred before a Twisted-driven coroutine may await it.
 """
 

@@ -108,8 +108,8 @@ def run_check(reactor: Any, config: Any, args: argparse.Namespace) -> int:
 
         Deferred.fromCoroutine(job()).addBoth(lambda _: reactor.stop())
 
-    # callWhenRunning fires before the asyncio loop turns, and dnspython needs
-    # it turning: start on its first turn, as cli._run does.
+    # Started on the loop's first turn, as cli._run does (under the asyncio
+    # reactor, callWhenRunning fires before the asyncio loop turns).
     reactor.callWhenRunning(reactor.callLater, 0, start)
     reactor.run()
     findings: list[Finding] | None = outcome["findings"]
