@@ -1,8 +1,9 @@
 """Await asyncio coroutines (redis.asyncio, psycopg) from Twisted code.
 
 With the Redis or PostgreSQL cache the daemon runs on Twisted's asyncio
-reactor (cli.ASYNCIO_BACKENDS), so the asyncio loop is the one already running; a coroutine made for asyncio still has to be wrapped in a
-Task and a Deferred before a Twisted-driven coroutine may await it.
+reactor (cli.ASYNCIO_BACKENDS), so the asyncio loop is the one already
+running; a coroutine made for asyncio still has to be wrapped in a Task and a
+Deferred before a Twisted-driven coroutine may await it.
 """
 
 from __future__ import annotations
