@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
@@ -290,6 +290,37 @@ async def test_certificate_problems_are_webpki_errors(
 
 
 @pytest_twisted.ensureDeferred
+async def test_concurrent_fetches_of_one_fetcher_keep_their_certificate_verdicts_apart(
+    server: HostileHttpsServer,
+) -> None:
+    # One fetcher shares its TLS context (and verify callback) between fetches:
+    # each verdict and certificate must still land on its own fetch.
+    server.set_host(HOST, Serve(POLICY))
+    server.set_host("mta-sts.wrong.example", Serve(POLICY), certificate=CertKind.WRONG_NAME)
+    server.set_host("mta-sts.expired.example", Serve(POLICY), certificate=CertKind.EXPIRED)
+    fetcher = fetcher_for(server)
+
+    good, wrong, expired = await DeferredList(
+        [
+            Deferred.fromCoroutine(fetcher.fetch(domain))
+            for domain in (DOMAIN, "wrong.example", "expired.example")
+        ],
+        consumeErrors=True,
+    )
+
+    assert isinstance(good[1], FetchOK), good
+    assert any("SAN mta-sts.example.com," in step for step in good[1].trace), good[1].trace
+    assert isinstance(wrong[1], FetchFailed), wrong
+    assert wrong[1].reason == "certificate not valid for mta-sts.wrong.example"
+    assert any("SAN not-mta-sts.wrong.example," in step for step in wrong[1].trace), wrong[1].trace
+    assert isinstance(expired[1], FetchFailed), expired
+    assert expired[1].reason == "certificate has expired"
+    assert any("SAN mta-sts.expired.example," in step for step in expired[1].trace), expired[1].trace
+    again = await fetcher.fetch(DOMAIN)
+    assert isinstance(again, FetchOK), again
+
+
+@pytest_twisted.ensureDeferred
 async def test_platform_trust_does_not_trust_the_test_ca(server: HostileHttpsServer) -> None:
     server.set_host(HOST, Serve(POLICY))
     fetcher = HttpsPolicyFetcher(reactor(), LoopbackResolver(), port=server.port)
@@ -528,6 +559,23 @@ async def test_connection_refused_is_a_fetch_error(server: HostileHttpsServer) -
 
     assert failed.category == FailureCategory.FETCH
     assert failed.reason == f"connection refused by 127.0.0.1:{closed_port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_address_is_tried_before_the_next_address(server: HostileHttpsServer) -> None:
+    # The server listens on 127.0.0.1 only: [::1] refuses (or, without IPv6, fails at once).
+    class V6ThenV4:
+        async def addresses(self, host: str) -> list[str]:
+            return ["::1", "127.0.0.1"]
+
+    server.set_host(HOST, Serve(POLICY))
+    fetcher = HttpsPolicyFetcher(reactor(), V6ThenV4(), ca_file=server.ca_file, port=server.port)
+
+    result = await fetcher.fetch(DOMAIN)
+
+    assert isinstance(result, FetchOK), result
+    assert any(step.endswith(f"[::1]:{server.port}") for step in result.trace), result.trace
+    assert f"connected to 127.0.0.1:{server.port}" in result.trace
 
 
 @pytest_twisted.ensureDeferred
