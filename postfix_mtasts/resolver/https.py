@@ -29,12 +29,10 @@ from service_identity.cryptography import verify_certificate_hostname
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
-    IReactorTCP,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
@@ -45,7 +43,6 @@ from twisted.internet.ssl import (
     platformTrust,
     trustRootFromCertificates,
 )
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
@@ -304,7 +301,7 @@ class _Attempt:
         #: Why certificate validation failed, in the order found.
         self.certificate_problems: list[str] = []
         self.certificate: x509.Certificate | None = None
-        self.connection: _TrackedConnection | None = None
+        self.connection: _PolicyHostConnection | None = None
 
     def step(self, text: str) -> None:
         self.trace.append(text)
@@ -495,15 +492,14 @@ class _PolicyHostEndpoint:
         attempt.step(f"resolved {host}: {' '.join(addresses)}")
 
         creator = cast(IOpenSSLClientConnectionCreator, self._tls)
-        tls_factory = TLSMemoryBIOFactory(creator, True, protocolFactory)
         problems: list[str] = []
         for address in addresses:
             peer = f"[{address}]:{attempt.port}" if ":" in address else f"{address}:{attempt.port}"
             attempt.stage = f"connecting to {peer}"
-            endpoint = _tcp_endpoint(attempt.reactor, address, attempt.port)
-            tracker = _TrackingFactory(tls_factory, attempt)
+            connector = _PolicyHostConnector(creator, protocolFactory, attempt)
+            attempt.reactor.connectTCP(address, attempt.port, connector, timeout=CONNECT_ATTEMPT_TIMEOUT)
             try:
-                tracked: Any = await endpoint.connect(tracker)
+                connection = await connector.connected
             except neterror.ConnectError as error:
                 problem = _connect_problem(error, peer)
                 attempt.step(problem)
@@ -512,29 +508,34 @@ class _PolicyHostEndpoint:
             attempt.peer = peer
             attempt.step(f"connected to {peer}")
             attempt.stage = AWAITING_RESPONSE
-            # The Agent wants its own protocol back, from under our two wrappers.
-            http_protocol: IProtocol = tracked.wrappedProtocol.wrappedProtocol
+            # The Agent wants its own protocol back, from under our TLS.
+            http_protocol: IProtocol = connection.wrappedProtocol
             return http_protocol
         raise _FetchError("; ".join(problems))
 
 
-class _TrackedConnection(ProtocolWrapper):
-    """The TCP connection under TLS, so the fetch can abort it and wait until it is gone."""
+class _PolicyHostConnection(TLSMemoryBIOProtocol):
+    """TLS right on the TCP connection, which the fetch can abort and wait for until it is gone.
 
-    factory: _TrackingFactory
+    One protocol object per connection (no wrapper between TCP and TLS, nor
+    Twisted's buffering of small writes: the request is one write).
+    """
 
-    def __init__(self, factory: _TrackingFactory, wrappedProtocol: IProtocol) -> None:
-        super().__init__(factory, wrappedProtocol)
-        self._lost = False
-        self._waiting: list[Deferred[None]] = []
+    factory: _PolicyHostConnector
 
-    def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[no-untyped-call]
+    def __init__(self, factory: _PolicyHostConnector, wrappedProtocol: IProtocol) -> None:
+        super().__init__(factory, wrappedProtocol)  # type: ignore[no-untyped-call]
+        self._tcp_lost = False
+        self._close_waiters: list[Deferred[None]] = []
+
+    def makeConnection(self, transport: Any) -> None:
         self.factory.attempt.connection = self
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+        self.factory.made(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lost = True
-        waiting, self._waiting = self._waiting, []
+        self._tcp_lost = True
+        waiting, self._close_waiters = self._close_waiters, []
         try:
             super().connectionLost(reason)  # type: ignore[no-untyped-call]
         finally:
@@ -542,28 +543,63 @@ class _TrackedConnection(ProtocolWrapper):
                 waiter.callback(None)
 
     def abort(self) -> None:
+        """Drop the TCP connection at once, under the TLS layer."""
         transport: Any = self.transport  # a TCP transport: ITCPTransport has abortConnection
-        if not self._lost and transport is not None:
+        if not self._tcp_lost and transport is not None:
             transport.abortConnection()
 
     def closed(self) -> Deferred[None]:
         """Fires once the TCP connection is closed (at once if it already is)."""
         waiter: Deferred[None] = Deferred()
-        if self._lost:
+        if self._tcp_lost:
             waiter.callback(None)
         else:
-            self._waiting.append(waiter)
+            self._close_waiters.append(waiter)
         return waiter
 
 
-class _TrackingFactory(WrappingFactory[_TrackedConnection]):
-    """Builds :class:`_TrackedConnection` around the TLS protocol of one fetch."""
+class _PolicyHostConnector(TLSMemoryBIOFactory):
+    """The client factory of one TCP connection attempt: :attr:`connected` fires with its TLS protocol.
 
-    protocol = _TrackedConnection
+    Does what an endpoint's wrapping factory would (fail on a failed or
+    cancelled connection attempt) without another protocol layer.
+    """
 
-    def __init__(self, wrappedFactory: Any, attempt: _Attempt) -> None:
-        super().__init__(wrappedFactory)  # type: ignore[no-untyped-call]
+    protocol = _PolicyHostConnection
+
+    def __init__(
+        self, creator: IOpenSSLClientConnectionCreator, http_factory: IProtocolFactory, attempt: _Attempt
+    ) -> None:
+        super().__init__(creator, True, http_factory, clock=attempt.reactor)
         self.attempt = attempt
+        self.connected: Deferred[_PolicyHostConnection] = Deferred(self._cancel)
+        self._connector: Any = None
+
+    def startedConnecting(self, connector: Any) -> None:
+        self._connector = connector
+
+    def buildProtocol(self, addr: Any) -> _PolicyHostConnection | None:  # type: ignore[override]
+        try:
+            return cast(_PolicyHostConnection, super().buildProtocol(addr))
+        except Exception:
+            self.connected.errback()
+            return None
+
+    def made(self, connection: _PolicyHostConnection) -> None:
+        if not self.connected.called:
+            self.connected.callback(connection)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        pass
+
+    def _cancel(self, connected: Deferred[_PolicyHostConnection]) -> None:
+        cancelled = neterror.ConnectingCancelledError(self._connector.getDestination())  # type: ignore[no-untyped-call]
+        connected.errback(cancelled)
+        self._connector.stopConnecting()
 
 
 class _BodyReader(Protocol):
@@ -604,14 +640,6 @@ async def _read_body(response: Any, limit: int, attempt: _Attempt) -> bytes:
     reader = _BodyReader(limit, attempt)
     response.deliverBody(reader)
     return await reader.done
-
-
-def _tcp_endpoint(reactor: IReactorTCP, address: str, port: int) -> Any:
-    if ":" in address:
-        return TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
-            reactor, address, port, timeout=CONNECT_ATTEMPT_TIMEOUT
-        )
-    return TCP4ClientEndpoint(reactor, address, port, timeout=CONNECT_ATTEMPT_TIMEOUT)
 
 
 def _connect_problem(error: neterror.ConnectError, peer: str) -> str:
