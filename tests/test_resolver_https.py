@@ -7,8 +7,11 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import idna
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
@@ -622,3 +625,53 @@ async def test_addresses_are_tried_in_order_until_one_connects() -> None:
 def test_policy_host_names() -> None:
     assert policy_host("Example.COM.") == "mta-sts.example.com"
     assert policy_host("bücher.example") == "mta-sts.xn--bcher-kva.example"
+
+
+def idna_policy_host(domain: str) -> str | None:
+    """What policy_host must answer, straight from idna (None: not a valid name)."""
+    name = domain.strip().rstrip(".")
+    try:
+        return "mta-sts." + idna.encode(name, uts46=True).decode("ascii").lower() if name else None
+    except idna.IDNAError:
+        return None
+
+
+def policy_host_or_none(domain: str) -> str | None:
+    try:
+        return policy_host(domain)
+    except Exception:
+        return None
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "example.com",
+        "EXAMPLE.com.",
+        " a.b ",
+        "a-b.c9",
+        "123.456",
+        "-a.example",
+        "a-.example",
+        "ab--c.example",
+        "xn--bcher-kva.example",
+        "xn--zz.example",
+        "a..b",
+        ".a",
+        "a_b.example",
+        "a b.example",
+        "\u212a.example",  # KELVIN SIGN: lower-cases to an ASCII "k"
+        "x" * 63 + ".example",
+        "x" * 64 + ".example",
+        ".".join(["a" * 63] * 4)[:253],
+        ".".join(["a" * 63] * 4)[:254],
+    ],
+)
+def test_policy_host_agrees_with_idna_on_edge_cases(domain: str) -> None:
+    assert policy_host_or_none(domain) == idna_policy_host(domain)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="aZ09-._.xn\u00fc\u212a ", max_size=80))
+def test_policy_host_agrees_with_idna(domain: str) -> None:
+    assert policy_host_or_none(domain) == idna_policy_host(domain)

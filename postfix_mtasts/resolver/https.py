@@ -17,6 +17,7 @@ codings are refused.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -80,6 +81,12 @@ IDENTITY_CODINGS = frozenset({"", "identity"})
 AWAITING_RESPONSE = "awaiting the response"
 #: Longest piece of a header value quoted in a reason.
 QUOTE_LIMIT = 120
+#: Lower-case LDH labels of 1 to 63 characters, no hyphen at either end. With no "--" anywhere (so
+#: no A-label to check) and at most MAX_NAME_LENGTH characters in all, idna.encode would return such
+#: a name unchanged: policy_host does not call it for one.
+PLAIN_NAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+#: Longest domain name without its trailing dot (RFC 1035, as idna counts it).
+MAX_NAME_LENGTH = 253
 
 #: Pieces of OpenSSL reasons that mean the peer offered no TLS version we accept.
 VERSION_MISMATCH_HINTS = ("protocol version", "unsupported protocol", "no protocols available")
@@ -279,6 +286,11 @@ def policy_host(domain: str) -> str:
     name = domain.strip().rstrip(".")
     if not name:
         raise _FetchError("empty domain name")
+    if name.isascii():
+        lowered = name.lower()
+        if len(lowered) <= MAX_NAME_LENGTH and "--" not in lowered and PLAIN_NAME.fullmatch(lowered):
+            # The common case, which idna would return as it is: skip its per-character checks.
+            return POLICY_HOST_PREFIX + lowered
     try:
         ascii_name = idna.encode(name, uts46=True).decode("ascii")
     except idna.IDNAError as error:
