@@ -54,3 +54,7 @@ REFRESH_JITTER = 300.0
 REFRESH_IDLE_LIMIT = 30 * 86_400.0
 #: Entries kept in the in-memory front of the cache.
 MEMORY_ENTRIES = 200_000
+#: Threads resolving policy hosts with the system resolver (getaddrinfo)
+#: when no nameservers are configured; a lookup waiting for a thread still
+#: counts against its fetch deadline.
+ADDRESS_LOOKUP_THREADS = 8

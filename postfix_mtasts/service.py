@@ -39,7 +39,8 @@ from postfix_mtasts.protocol import SocketmapFactory, SocketmapProtocol, TcpTabl
 from postfix_mtasts.resolver import FetchResult, PolicyFetcher
 from postfix_mtasts.resolver.dane import DaneCache, DaneResolver
 from postfix_mtasts.resolver.dns import DnsResolver
-from postfix_mtasts.resolver.https import HttpsPolicyFetcher
+from postfix_mtasts.resolver.https import AddressResolver, HttpsPolicyFetcher
+from postfix_mtasts.resolver.system import SystemAddressResolver
 from postfix_mtasts.responder import Responder
 
 log = logging.getLogger("postfix_mtasts.service")
@@ -139,11 +140,17 @@ def build_store(reactor: Any, config: Config) -> IPolicyStore:
 
 
 def build_resolvers(reactor: Any, config: Config) -> tuple[DnsResolver, HttpsPolicyFetcher]:
-    """The DNS resolver and the HTTPS policy fetcher the ``[resolver]`` section describes."""
+    """The DNS resolver and the HTTPS policy fetcher the ``[resolver]`` section describes.
+
+    Without configured nameservers the policy host's addresses come from the
+    system's resolver (getaddrinfo), which follows the same configuration
+    and costs far less CPU; with them, from dnspython asking those servers.
+    """
     dns = DnsResolver(nameserver_strings(config.resolver.nameservers), timeout=config.resolver.dns_timeout)
+    addresses: AddressResolver = dns if config.resolver.nameservers else SystemAddressResolver(reactor)
     fetcher = HttpsPolicyFetcher(
         reactor,
-        dns,
+        addresses,
         ca_file=config.resolver.ca_file,
         timeout=config.resolver.fetch_timeout,
         port=config.resolver.https_port,
