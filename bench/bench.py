@@ -199,7 +199,10 @@ class World:
 
 
 def ours_config(path: str, world: World, cache_path: str, extra_cache: str = "") -> str:
-    """Defaults everywhere except what points the daemon at the world."""
+    """Defaults everywhere except what points the daemon at the world. In the
+    namespace the world's resolver is the one resolv.conf names, so the daemon
+    finds it as the peer does, with no nameservers configured."""
+    nameservers = "" if world.dns_port == 53 else f'nameservers = ["127.0.0.1:{world.dns_port}"]\n'
     text = (
         "[listen]\n"
         f'socketmap = ["inet:127.0.0.1:{DAEMON_PORT}"]\n'
@@ -208,7 +211,7 @@ def ours_config(path: str, world: World, cache_path: str, extra_cache: str = "")
         f'path = "{cache_path}"\n'
         f"{extra_cache}"
         "[resolver]\n"
-        f'nameservers = ["127.0.0.1:{world.dns_port}"]\n'
+        f"{nameservers}"
         f'ca_file = "{world.ca_file}"\n'
         f"https_port = {world.https_port}\n"
     )
