@@ -381,3 +381,13 @@ def test_whole_request_steps_aside_while_a_request_is_half_read() -> None:
     assert decoder.whole_request(b"11:postfix a.b,") is None
     assert decoder.feed(b"mple,") == [SocketmapRequest(name="postfix", key=b"example")]
     assert decoder.whole_request(b"11:postfix a.b,") == ("postfix", b"a.b")
+
+
+def test_a_remembered_request_is_not_taken_while_another_is_half_read() -> None:
+    wire = encode_request("postfix", b"again.example")
+    assert SocketmapDecoder().whole_request(wire) == ("postfix", b"again.example")  # now remembered
+    decoder = SocketmapDecoder()
+    assert decoder.feed(wire[:5]) == []
+    assert decoder.whole_request(wire) is None
+    with pytest.raises(FramingError):
+        decoder.feed(wire)  # the general path sees the bytes as they really stand

@@ -41,6 +41,12 @@ __all__ = [
 #: it treats like ``TEMP``; we never need it.
 SOCKETMAP_STATUSES: Final = ("OK", "NOTFOUND", "TEMP", "PERM")
 
+#: Whole requests already decoded by :meth:`SocketmapDecoder.whole_request`,
+#: shared by every connection: Postfix asks for the same next hops again and
+#: again. Cleared when full; the hot ones come back at once.
+WHOLE_REQUESTS_KEPT = 4096
+_WHOLE_REQUESTS: dict[bytes, tuple[str, bytes]] = {}
+
 _COLON: Final = ord(":")
 _COMMA: Final = ord(",")
 _ZERO: Final = ord("0")
@@ -83,10 +89,15 @@ class _NetstringReader:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered, no length half read, no error: a fresh start."""
+        return not self._buffer and self._payload_length is None and self._error is None
+
     def whole_if_idle(self, data: bytes) -> bytes | None:
         """The payload when nothing is buffered and ``data`` is exactly one
         valid netstring; None otherwise (``feed`` then handles ``data``)."""
-        if self._buffer or self._payload_length is not None or self._error is not None:
+        if not self.idle:
             return None
         return self._whole(data)
 
@@ -194,13 +205,20 @@ class SocketmapDecoder:
         """``(name, key)`` when ``data`` is exactly one well-formed request and
         nothing is buffered, as Postfix sends them; None for anything else,
         which :meth:`feed` must then be given. Decodes like :meth:`feed`."""
+        known = _WHOLE_REQUESTS.get(data)
+        if known is not None and self._reader.idle:
+            return known
         payload = self._reader.whole_if_idle(data)
         if payload is None:
             return None
         name, space, key = payload.partition(b" ")
         if not (space and name and key):
             return None
-        return name.decode("ascii", "replace"), key
+        request = name.decode("ascii", "replace"), key
+        if len(_WHOLE_REQUESTS) >= WHOLE_REQUESTS_KEPT:
+            _WHOLE_REQUESTS.clear()
+        _WHOLE_REQUESTS[data] = request
+        return request
 
     def feed(self, data: bytes) -> list[SocketmapEvent]:
         payloads, error = self._reader.feed(data)
