@@ -154,6 +154,8 @@ class PolicyLookup:
         # When each resolution in flight began: a deadline runs from there,
         # so lookups joining a late resolution do not each wait it out again.
         self._inflight_since: dict[str, float] = {}
+        # Domains whose check in flight has already been logged as slow.
+        self._slow_checks_noted: set[str] = set()
         self._traces: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         # Refresh schedule: slot number → domains due in it. A domain's front
         # slot is marked with the list it was queued in, so that stale copies
@@ -346,8 +348,10 @@ class PolicyLookup:
                     resolution = await self._wait(shared, left)
                     entry = resolution.entry
                 except TimeoutError:
-                    log.info("%s: TXT check still running after %.1fs; answering from the cache",
-                             domain, self.settings.recheck_deadline)
+                    if domain not in self._slow_checks_noted:  # one line per slow check
+                        self._slow_checks_noted.add(domain)
+                        log.info("%s: TXT check still running after %.1fs; answering from the cache",
+                                 domain, self.settings.recheck_deadline)
                 except Exception:
                     pass  # logged in _resolve_shared; the cached entry stands
             return self._entry_answer(entry, enforce_testing)
@@ -423,6 +427,7 @@ class PolicyLookup:
         def done(result: Any) -> Any:
             self._inflight.pop(domain, None)
             self._inflight_since.pop(domain, None)
+            self._slow_checks_noted.discard(domain)
             if isinstance(result, Failure):
                 if not is_cancellation(result):
                     log_failure(log, f"{domain}: resolution failed unexpectedly", result)

@@ -7,6 +7,7 @@ fakes, so "answered from memory" means "no DNS call at all", not "fast".
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,6 +163,32 @@ def test_slow_recheck_answers_from_cache_at_deadline_and_finishes_in_background(
     assert w.lookup.answer_now(DOMAIN, False) == OK2
     assert w.answer() == OK2
     assert w.dns.total == 2
+
+
+def test_a_slow_check_is_logged_once_however_many_lookups_wait_on_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = make_world(recheck_interval=60, recheck_deadline=2)
+    publish(w, P1)
+    w.answer()
+    w.at(60)
+    slow_dns = w.dns.hold(DOMAIN)
+    with caplog.at_level(logging.INFO, logger="postfix_mtasts.lookup"):
+        pending = w.ask()
+        w.at(62)
+        assert result_of(pending) == OK1
+        for _ in range(5):
+            assert w.answer() == OK1
+        slow_dns.callback(txt("1"))
+        # A later slow check is a new event, and is logged again.
+        w.at(130)
+        again = w.dns.hold(DOMAIN)
+        pending = w.ask()
+        w.at(132)
+        assert result_of(pending) == OK1
+        again.callback(txt("1"))
+    noted = [r for r in caplog.records if "still running" in r.getMessage()]
+    assert len(noted) == 2
 
 
 def test_lookups_during_a_check_past_its_deadline_answer_from_cache_at_once() -> None:
