@@ -9,6 +9,7 @@ connection and nothing else.
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from typing import Any, ClassVar, cast
 
@@ -88,8 +89,8 @@ class _LookupProtocol(Protocol):
         self._closed = False
         # Set after a framing error: no more reading; close once answered.
         self._draining = False
-        # Whether replies may be sent at once (see _write).
-        self._eager = False
+        # The socket replies may be sent on at once (see _write), or None.
+        self._socket: socket.socket | None = None
 
     # Subclasses: decode a chunk into events and encode one answer.
     def decode(self, data: bytes) -> list[Any]:
@@ -106,7 +107,8 @@ class _LookupProtocol(Protocol):
         return describe_peer(self.transport.getPeer() if self.transport else None)
 
     def connectionMade(self) -> None:
-        self._eager = _writes_eagerly(self.transport)
+        if _writes_eagerly(self.transport):
+            self._socket = cast(socket.socket, cast(Any, self.transport).getHandle())
         self._arm_idle_timer()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -140,17 +142,23 @@ class _LookupProtocol(Protocol):
     def _write(self, data: bytes) -> None:
         """Send a reply. Twisted's ``write`` only buffers it and asks the
         reactor to watch for writability: two more epoll_ctl calls and a
-        loop turn per reply, most of what a warm hit costs. When nothing is
-        buffered, the reply goes to the socket at once (``writeSomeData``,
-        as the transport itself would); whatever does not fit is handed to
-        ``write``, behind which every later reply queues, so order holds."""
+        loop turn per reply, most of what a warm hit costs. When the
+        transport has nothing buffered, the reply goes to its socket at
+        once; whatever does not fit is handed to ``write``, behind which
+        every later reply queues, so order holds."""
         transport: Any = self.transport
-        if (self._eager and not transport.dataBuffer and not transport._tempDataBuffer
+        sock = self._socket
+        if (sock is not None and not transport.dataBuffer and not transport._tempDataBuffer
                 and not transport.disconnecting):
-            sent = transport.writeSomeData(data)
-            if type(sent) is int and sent > 0:
-                if sent == len(data):
-                    return
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # write() meets the same error and closes the connection
+            if sent == len(data):
+                return
+            if sent:
                 data = data[sent:]
         transport.write(data)
 

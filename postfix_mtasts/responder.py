@@ -109,13 +109,13 @@ class Responder:
         counters = self.counters
         profile = self._profiles.get(profile_name)
         if profile is None:
-            known = ", ".join(sorted(self.profiles))
-            log.warning("request for unknown map name %r (configured profiles: %s)", profile_name, known)
-            refused = Answer.perm(f"unknown map name {profile_name!r}; configured: {known}")
+            names = ", ".join(sorted(self.profiles))
+            log.warning("request for unknown map name %r (configured profiles: %s)", profile_name, names)
+            refused = Answer.perm(f"unknown map name {profile_name!r}; configured: {names}")
             if counters is not None:
                 counters.count_answer(UNKNOWN_PROFILE, refused)
             return refused
-        decision = self._classify(key)
+        decision = self._decisions.get(key) or self._classify(key)
         if not isinstance(decision, Resolve):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%r: not found without lookup (%s)", key, decision.reason)
@@ -125,7 +125,10 @@ class Responder:
                 counters.count_answer(profile_name, skipped)
             return skipped
         # enforce_testing, and the optional tlsrpt, tlsrpt_policy_failure and dane.
-        options = self._answer_options(profile_name, profile)
+        known = self._options.get(profile_name)
+        options = known[1] if known is not None and known[0] is profile else self._answer_options(
+            profile_name, profile
+        )
         cached = self.lookup.answer_now(decision.domain, options)
         if cached is not None:
             if counters is not None:

@@ -83,7 +83,7 @@ async def test_pipelined_replies_keep_their_order_around_a_slow_lookup(slow: Def
         reactor.callLater(0.2, slow.callback, Answer.ok("slow"))
         replies = await reading
         assert replies == [("OK", SMALL.data), ("OK", "slow"), ("OK", SMALL.data)]
-        assert server.protocols[0]._eager, "replies on a TCP transport should go out at once"
+        assert server.protocols[0]._socket is not None, "replies on TCP should go out at once"
     finally:
         await server.close(client)
 
