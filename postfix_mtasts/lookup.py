@@ -720,16 +720,25 @@ class PolicyLookup:
             self._refreshing.add(domain)
             self._spawn(self._refresh_one(domain))
 
+    def _refresh_slots(self) -> DeferredSemaphore:
+        """The semaphore bounding refreshes, renewed when a reload changed
+        ``refresh_concurrency`` (refreshes holding the old one finish on it)."""
+        wanted = max(1, self.settings.refresh_concurrency)
+        if self._refresh_limit.limit != wanted:
+            self._refresh_limit = DeferredSemaphore(wanted)
+        return self._refresh_limit
+
     async def _refresh_one(self, domain: str) -> None:
         try:
-            await self._refresh_limit.acquire()
+            slots = self._refresh_slots()
+            await slots.acquire()
             try:
                 if not self._stopping:
                     await self.refresh(domain)
             except Exception:
                 pass  # logged where the resolution failed
             finally:
-                self._refresh_limit.release()
+                slots.release()
         finally:
             self._refreshing.discard(domain)
             self.stats.refresh_queue = max(0, self.stats.refresh_queue - 1)

@@ -10,7 +10,7 @@ import itertools
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -457,6 +457,26 @@ def test_refresh_runs_at_most_refresh_concurrency_fetches_at_once() -> None:
     assert w.https.max_in_flight == 3
     assert all(w.https.calls[d] == 2 for d in domains)
     assert all(w.lookup.answer_now(d, False) == OK2 for d in domains)
+
+
+def test_a_new_refresh_concurrency_applies_to_the_next_refreshes() -> None:
+    """A reload replaces the settings; refreshes queued after it use the new bound."""
+    w = make_world(
+        recheck_interval=NEVER, refresh_concurrency=1, refresh_scan_interval=60, refresh_jitter=0
+    )
+    w.start()
+    domains = [f"d{i}.example" for i in range(6)]
+    for domain in domains:
+        publish(w, P1, domain=domain)
+        assert w.answer(domain) == OK1
+    w.lookup.settings = replace(w.lookup.settings, refresh_concurrency=4)
+    for domain in domains:
+        w.https.hold(domain)
+    while w.https.in_flight == 0 and w.clock.seconds() < T0 + 700:
+        w.clock.advance(1)
+        for domain in domains:
+            w.lookup.answer_now(domain, False)
+    assert w.https.in_flight == 4
 
 
 def test_policy_unused_for_the_idle_limit_is_not_refreshed_and_expires() -> None:
