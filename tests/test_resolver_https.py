@@ -675,3 +675,20 @@ def test_policy_host_agrees_with_idna_on_edge_cases(domain: str) -> None:
 @given(st.text(alphabet="aZ09-._.xn\u00fc\u212a ", max_size=80))
 def test_policy_host_agrees_with_idna(domain: str) -> None:
     assert policy_host_or_none(domain) == idna_policy_host(domain)
+
+
+@pytest_twisted.ensureDeferred
+async def test_caller_cancelling_while_still_connecting_gets_a_cancellation(
+    server: HostileHttpsServer,
+) -> None:
+    # A memory reactor never completes the TCP connection.
+    clock = MemoryReactorClock()
+    fetcher = HttpsPolicyFetcher(clock, LoopbackResolver(), ca_file=server.ca_file, port=server.port)
+    fetching = Deferred.fromCoroutine(fetcher.fetch(DOMAIN))
+    assert len(clock.tcpClients) == 1 and not fetching.called
+
+    fetching.cancel()
+
+    with pytest.raises(CancelledError):
+        await fetching
+    assert clock.connectors[0].stoppedConnecting

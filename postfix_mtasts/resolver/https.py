@@ -201,8 +201,10 @@ class HttpsPolicyFetcher:
         except _FetchError as failure:
             return FetchFailed(failure.reason, failure.category, attempt.finish(failure.reason))
         except Exception as unexpected:
-            if any(isinstance(cause, CancelledError) for cause in _causes(unexpected)):
-                # Our own deadline arrives as a _FetchError; this is the caller giving up.
+            if any(isinstance(cause, (CancelledError, neterror.ConnectingCancelledError))
+                   for cause in _causes(unexpected)):
+                # Our own deadline arrives as a _FetchError; this is the caller giving up
+                # (while connecting, Twisted says so with ConnectingCancelledError).
                 raise CancelledError() from None
             reason, category = attempt.classify(unexpected)
             return FetchFailed(reason, category, attempt.finish(reason))
