@@ -51,6 +51,7 @@ PEER_PORT = 8461
 DAEMON_PORT = 8462
 FLOOR_PORT = 8463
 FLOOR_EPOLL_PORT = 8464
+FLOOR_EAGER_PORT = 8465
 TRIVIAL_PORT = 8499
 #: Seconds a daemon may take to accept connections before the run gives up.
 READY_LIMIT = 120.0
@@ -433,7 +434,9 @@ def run_servers(world: World, work: str, args: argparse.Namespace) -> dict[str, 
             daemons.append(peer)
             peer_state = {}
         floors = []
-        for reactor_name, port in (("asyncio", FLOOR_PORT), ("epoll", FLOOR_EPOLL_PORT)):
+        for reactor_name, port in (
+            ("asyncio", FLOOR_PORT), ("epoll", FLOOR_EPOLL_PORT), ("epoll-eager", FLOOR_EAGER_PORT)
+        ):
             process = start_floor(reactor_name, port, os.path.join(RESULTS, f"floor-{reactor_name}.log"))
             processes.append(process)
             floors.append(Target(reactor_name, port, process))
@@ -744,6 +747,14 @@ def report(results: dict[str, Any]) -> str:
         ratio(w_ours, w_floor),
         "(the reactor with Redis/PostgreSQL)",
     )
+    w_floor_eager = floor.get("epoll-eager", {}).get("lookups_per_s")
+    row(
+        "  floor, bare Twisted sending at once (epoll)",
+        fmt_rate(w_floor_eager),
+        "",
+        ratio(w_ours, w_floor_eager),
+        "(for information: replies sent as ours are)",
+    )
     row("  latency p50/p99/p99.9 ms", lat(ours, "warm_hits"), lat(peer, "warm_hits"), "", "")
     row(
         "  server CPU %",
@@ -770,6 +781,8 @@ def report(results: dict[str, Any]) -> str:
         ratio(c_ours, floor.get("epoll", {}).get("lookups_per_cpu_s")),
         "",
     )
+    c_eager = floor.get("epoll-eager", {}).get("lookups_per_cpu_s")
+    row("  floor (sending at once): lookups per CPU-s", fmt_rate(c_eager), "", ratio(c_ours, c_eager), "")
     hot = results.get("hotpath", {})
     if "ours_us_per_request" in hot:
         row(

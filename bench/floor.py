@@ -3,8 +3,11 @@
 No decoding of the key, no lookup: what Twisted itself costs per socketmap
 request on the given reactor: "epoll" (postfix-mtasts's own with its default
 SQLite cache) or "asyncio" (its reactor with Redis or PostgreSQL).
+"epoll-eager" sends each reply on the socket at once when nothing is
+buffered, as postfix-mtasts does, instead of through ``transport.write``:
+the floor for a design that does that too.
 
-    python bench/floor.py PORT [asyncio|epoll]
+    python bench/floor.py PORT [asyncio|epoll|epoll-eager]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def main() -> int:
         from twisted.internet import asyncioreactor
 
         asyncioreactor.install(asyncio.new_event_loop())  # type: ignore[no-untyped-call]
-    elif kind == "epoll":
+    elif kind in ("epoll", "epoll-eager"):
         from twisted.internet import epollreactor
 
         epollreactor.install()  # type: ignore[no-untyped-call]
@@ -40,7 +43,23 @@ def main() -> int:
         def stringReceived(self, string: bytes) -> None:
             self.sendString(REPLY)  # type: ignore[no-untyped-call]
 
-    factory = Factory.forProtocol(Constant)
+    wire = b"%d:%b," % (len(REPLY), REPLY)
+
+    class EagerConstant(NetstringReceiver):
+        def stringReceived(self, string: bytes) -> None:
+            transport: Any = self.transport
+            if not transport.dataBuffer and not transport._tempDataBuffer:
+                try:
+                    sent = transport.getHandle().send(wire)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(wire):
+                    return
+                transport.write(wire[sent:])
+                return
+            transport.write(wire)
+
+    factory = Factory.forProtocol(EagerConstant if kind == "epoll-eager" else Constant)
     factory.noisy = False
     reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=256)
     reactor.run()
