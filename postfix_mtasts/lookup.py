@@ -156,6 +156,8 @@ class PolicyLookup:
         self._inflight_since: dict[str, float] = {}
         # Domains whose check in flight has already been logged as slow.
         self._slow_checks_noted: set[str] = set()
+        # Domains flushed while a resolution of them was in flight.
+        self._flushed_in_flight: set[str] = set()
         self._traces: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         # Refresh schedule: slot number → domains due in it. A domain's front
         # slot is marked with the list it was queued in, so that stale copies
@@ -428,6 +430,7 @@ class PolicyLookup:
             self._inflight.pop(domain, None)
             self._inflight_since.pop(domain, None)
             self._slow_checks_noted.discard(domain)
+            self._flushed_in_flight.discard(domain)
             if isinstance(result, Failure):
                 if not is_cancellation(result):
                     log_failure(log, f"{domain}: resolution failed unexpectedly", result)
@@ -446,6 +449,14 @@ class PolicyLookup:
             previous = await self._store_get(domain)
         resolution = await self._resolve(domain, previous, force_fetch)
         entry = resolution.entry
+        if domain in self._flushed_in_flight:
+            # ctl flush forgot this domain while we were resolving it: what we
+            # learnt may rest on the forgotten entry, so it answers the lookups
+            # already waiting and is not kept.
+            self._flushed_in_flight.discard(domain)
+            self._trace(domain, resolution)
+            log.info("%s: flushed while resolving; the result (%s) is not kept", domain, resolution.why)
+            return resolution
         changed = previous is None or _durable_fields(previous) != _durable_fields(entry)
         if changed:
             # Durable before it is used: a new or replaced policy is written
@@ -681,12 +692,15 @@ class PolicyLookup:
     async def flush(self, domain: str | None) -> int:
         """Forget one domain (or all, for None); returns how many were dropped."""
         if domain is None:
+            self._flushed_in_flight.update(self._inflight)
             count = len(self.front)
             self.front.clear()
             self._refresh_wheel.clear()
             self._unsaved.clear()
             await self.store.delete_all()
             return count
+        if domain in self._inflight:
+            self._flushed_in_flight.add(domain)
         present = domain in self.front
         self.front.delete(domain)
         self._unsaved.pop(domain, None)

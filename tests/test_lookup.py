@@ -814,6 +814,24 @@ def test_flush_forgets_memory_and_store(world: World) -> None:
     assert world.store.stored("other.example") is None
 
 
+@pytest.mark.parametrize("flush_all", [False, True])
+def test_a_flush_during_a_recheck_is_not_undone_by_it(flush_all: bool) -> None:
+    w = make_world(recheck_interval=60, recheck_deadline=NEVER)
+    publish(w, P1)
+    w.answer()
+    w.at(60)
+    slow_dns = w.dns.hold(DOMAIN)
+    waiting = w.ask()  # the recheck, built on the cached policy, is in flight
+    assert result_of(run(w.lookup.flush(None if flush_all else DOMAIN))) == 1
+    slow_dns.callback(txt("1"))  # the same id: the recheck would keep the old policy
+    assert result_of(waiting) == OK1  # the lookup that was waiting still gets its answer
+    assert w.lookup.answer_now(DOMAIN, False) is None
+    assert w.store.stored(DOMAIN) is None
+    fetches = w.https.calls[DOMAIN]
+    assert w.answer() == OK1  # found again from scratch
+    assert w.https.calls[DOMAIN] == fetches + 1
+
+
 def test_stats_count_hits_misses_dns_and_fetches(world: World) -> None:
     publish(world, P1)
     world.answer()
