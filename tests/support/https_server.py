@@ -135,7 +135,19 @@ class Hang:
     """Read the request, then never answer."""
 
 
-Behaviour = Serve | Redirect | Oversized | Drip | Hang
+@dataclass
+class Pieces:
+    """A ``text/plain`` body sent chunked as these raw pieces, one write per reactor turn.
+
+    Each write is its own TLS record, so the client gets the body in many small
+    reads whose boundaries fall wherever the pieces end (e.g. inside a gzip header).
+    """
+
+    pieces: tuple[bytes, ...]
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Behaviour = Serve | Redirect | Oversized | Drip | Hang | Pieces
 
 
 @dataclass
@@ -431,6 +443,9 @@ class _PolicyResource(Resource):
         if isinstance(behaviour, Drip):
             _Dripper(server, request, state, behaviour).start()
             return NOT_DONE_YET
+        if isinstance(behaviour, Pieces):
+            _PieceWriter(server, request, state, behaviour).start()
+            return NOT_DONE_YET
         self._watch(request, state)
         return NOT_DONE_YET
 
@@ -532,6 +547,48 @@ class _Dripper:
             self._state.finished += 1
         else:
             self._call = self._server._call_later(self._interval, self._next)
+
+    def _lost(self, _: Failure) -> None:
+        self._gone = True
+        self._server._cancel_call(self._call)
+        self._call = None
+        self._state.aborted += 1
+
+
+class _PieceWriter:
+    """Writes a body piece by piece, one piece per reactor turn, until done or the client goes away."""
+
+    def __init__(
+        self, server: HostileHttpsServer, request: Request, state: HostState, behaviour: Pieces
+    ) -> None:
+        self._server = server
+        self._request = request
+        self._state = state
+        self._pieces = list(behaviour.pieces)
+        self._headers = behaviour.headers
+        self._call: IDelayedCall | None = None
+        self._gone = False
+
+    def start(self) -> None:
+        request = self._request
+        request.setHeader(b"Content-Type", b"text/plain")
+        for name, value in self._headers:
+            request.responseHeaders.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        request.notifyFinish().addErrback(self._lost)
+        self._call = self._server._call_later(0, self._next)
+
+    def _next(self) -> None:
+        self._call = None
+        if self._gone:
+            return
+        if not self._pieces:
+            self._request.finish()
+            self._state.finished += 1
+            return
+        piece = self._pieces.pop(0)
+        self._request.write(piece)
+        self._state.bytes_sent += len(piece)
+        self._call = self._server._call_later(0, self._next)
 
     def _lost(self, _: Failure) -> None:
         self._gone = True
