@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,6 +36,7 @@ from tests.support.https_server import (
     HostileHttpsServer,
     ListenerMode,
     Oversized,
+    Pieces,
     Redirect,
     Serve,
 )
@@ -47,6 +49,12 @@ POLICY = b"version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.backup.exa
 EXPECTED = Policy(Mode.ENFORCE, 86400, ("mail.example.com", "*.backup.example.com"))
 #: A short deadline so that the slow cases end quickly; tests assert the failure, not the time.
 SHORT_DEADLINE = 1.0
+#: Decoded size of the gzip bombs: far beyond the body cap, yet a few tens of KB on the wire.
+BOMB_SIZE = 50 * 1024 * 1024
+#: Most Python memory a refused bomb may cost at its peak: the capped body, buffers and TLS, never
+#: the bomb inflated (one 16 KB TLS record of it inflates to some 16 MB).
+BOMB_PEAK_LIMIT = 4 * 1024 * 1024
+GZIP = (("Content-Encoding", "gzip"),)
 
 
 def reactor() -> Any:
@@ -172,6 +180,102 @@ async def test_gzip_bomb_is_cut_off_at_the_decoded_limit(server: HostileHttpsSer
     assert "policy body over 65536 bytes" in result.reason
 
 
+async def fetch_with_peak_memory(fetcher: HttpsPolicyFetcher) -> tuple[FetchResult, int]:
+    """Fetch, and measure the peak of Python's traced memory while the fetch ran."""
+    tracing_already = tracemalloc.is_tracing()
+    if not tracing_already:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = await fetcher.fetch(DOMAIN)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        if not tracing_already:
+            tracemalloc.stop()
+
+
+@pytest.mark.parametrize(("codings", "layers"), [("gzip", 1), ("gzip, gzip", 2)])
+@pytest_twisted.ensureDeferred
+async def test_gzip_bomb_is_refused_without_being_inflated(
+    server: HostileHttpsServer, codings: str, layers: int
+) -> None:
+    bomb = b"x" * BOMB_SIZE
+    for _ in range(layers):
+        bomb = gzip.compress(bomb)
+    assert len(bomb) < 65536  # so that no Content-Length check can refuse it before it is read
+    server.set_host(HOST, Serve(bomb, headers=(("Content-Encoding", codings),)))
+
+    result, peak = await fetch_with_peak_memory(fetcher_for(server))
+
+    assert isinstance(result, FetchFailed), result
+    assert "policy body over 65536 bytes" in result.reason
+    assert peak < BOMB_PEAK_LIMIT, f"peak of {peak} bytes while refusing the bomb"
+    await server.wait_idle()
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_body_in_many_small_pieces_is_decoded(server: HostileHttpsServer) -> None:
+    compressed = gzip.compress(POLICY)
+    pieces = tuple(compressed[start : start + 3] for start in range(0, len(compressed), 3))
+    server.set_host(HOST, Pieces(pieces, headers=GZIP))
+
+    result = await fetcher_for(server).fetch(DOMAIN)
+
+    assert isinstance(result, FetchOK), result
+    assert result.policy == EXPECTED
+    assert result.text == POLICY.decode()
+    assert f"body {len(POLICY)} bytes" in result.trace
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_within_gzip_is_decoded(server: HostileHttpsServer) -> None:
+    twice = gzip.compress(gzip.compress(POLICY))
+    server.set_host(HOST, Serve(twice, headers=(("Content-Encoding", "gzip, gzip"),)))
+
+    result = await fetcher_for(server).fetch(DOMAIN)
+
+    assert isinstance(result, FetchOK), result
+    assert result.policy == EXPECTED
+
+
+def corrupted_crc(data: bytes) -> bytes:
+    """The gzip stream ``data`` with a wrong CRC-32 in its trailer."""
+    return data[:-8] + bytes([data[-8] ^ 0xFF]) + data[-7:]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"this is not gzip at all\n",
+        corrupted_crc(gzip.compress(POLICY)),
+        gzip.compress(POLICY)[:10] + b"\xff" * 40,
+        gzip.compress(POLICY)[:-8],
+        gzip.compress(POLICY) + b"more data after the stream\n",
+    ],
+    ids=["not-gzip", "bad-crc", "bad-deflate", "truncated", "trailing-data"],
+)
+@pytest_twisted.ensureDeferred
+async def test_corrupt_gzip_is_a_fetch_error(server: HostileHttpsServer, body: bytes) -> None:
+    server.set_host(HOST, Serve(body, headers=GZIP))
+
+    failed = await fetch_failed(fetcher_for(server))
+
+    assert failed.category == FailureCategory.FETCH
+    assert failed.reason.startswith("gzip body "), failed.reason
+    await server.wait_idle()
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_limit_counts_decoded_gzip_bytes_and_is_inclusive(server: HostileHttpsServer) -> None:
+    server.set_host(HOST, Serve(gzip.compress(POLICY), headers=GZIP))
+
+    exact = await fetcher_for(server, body_limit=len(POLICY)).fetch(DOMAIN)
+    over = await fetch_failed(fetcher_for(server, body_limit=len(POLICY) - 1))
+
+    assert isinstance(exact, FetchOK), exact
+    assert over.reason == f"policy body over {len(POLICY) - 1} bytes"
+
+
 @pytest_twisted.ensureDeferred
 async def test_domain_is_normalised_to_the_policy_host(server: HostileHttpsServer) -> None:
     server.set_host(HOST, Serve(POLICY))
@@ -219,6 +323,14 @@ async def test_identity_content_encoding_is_accepted(server: HostileHttpsServer)
         (
             Serve(POLICY, headers=(("Content-Encoding", "br"),)),
             "content coding br refused",
+        ),
+        (
+            Serve(gzip.compress(POLICY), headers=(("Content-Encoding", "br, gzip"),)),
+            "content coding br refused",
+        ),
+        (
+            Serve(POLICY, headers=(("Content-Encoding", "gzip, br"),)),
+            "content coding gzip, br refused",
         ),
     ],
 )

@@ -9,15 +9,22 @@ capped body, and one deadline for all of it. Every outcome is a value
 
 The HTTP client is treq's ``HTTPClient`` over an ``Agent`` whose endpoint
 factory is ours (resolution through the daemon's resolver, our TLS checks).
-treq asks for and decodes gzip; the body cap counts *decoded* bytes, so a
-compressed bomb is cut off like any other oversized body. Other content
-codings are refused.
+treq asks for gzip, but its decoder inflates each piece of the body whole, so
+one 16 KB TLS record of a gzip bomb would become some 16 MB in memory before
+any cap could count it. The gzip coding is therefore taken off the response
+below treq (:class:`_BoundedGzipAgent`) and undone by :class:`_BoundedGunzip`,
+which never inflates more than the body cap plus one byte: the cap counts
+*decoded* bytes, and a bomb is cut off like any other oversized body without
+ever being inflated. Corrupt or truncated gzip data, or data after the end of
+the gzip stream, fails the fetch; other content codings are refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -45,11 +52,12 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from postfix_mtasts import __version__, limits
@@ -77,6 +85,10 @@ USER_AGENT = f"postfix-mtasts/{__version__}"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Content codings that mean "no coding at all".
 IDENTITY_CODINGS = frozenset({"", "identity"})
+#: The one content coding we undo, spelt as treq's decoder matches it (exactly, once stripped).
+GZIP_CODING = b"gzip"
+#: zlib's window bits for a gzip stream (header and CRC trailer) with the largest window.
+GZIP_WBITS = 16 + zlib.MAX_WBITS
 #: The stage from TCP connect to response headers (see _Attempt.current_stage).
 AWAITING_RESPONSE = "awaiting the response"
 #: Longest piece of a header value quoted in a reason.
@@ -218,11 +230,13 @@ class HttpsPolicyFetcher:
         agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
             self._reactor, _PolicyHostEndpointFactory(attempt, tls), pool=pool
         )
+        # Under treq's own gzip decoder, so that it never sees a gzip coding to inflate unbounded.
+        bounded = _BoundedGzipAgent(agent, self._body_limit, attempt.abort)
         url = f"https://{attempt.host}{'' if self._port == 443 else f':{self._port}'}{POLICY_PATH}"
         attempt.step(f"GET {url}")
         # unbuffered: the body is read by _read_body under the cap, never
         # buffered whole by treq; redirects are reported, never followed.
-        response: Any = await HTTPClient(agent).get(
+        response: Any = await HTTPClient(bounded).get(
             url,
             headers=Headers({b"User-Agent": [USER_AGENT.encode("ascii")]}),
             allow_redirects=False,
@@ -640,6 +654,10 @@ class _BodyReader(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
+        if reason.check(_FetchError):  # type: ignore[no-untyped-call]
+            # A gzip decoder below refused the body (and has dropped the connection).
+            self.done.errback(reason)
+            return
         # PotentialDataLoss: no Content-Length and no chunking, the body ended
         # with the connection, which HTTP/1.1 allows.
         if reason.check(ResponseDone, PotentialDataLoss):  # type: ignore[no-untyped-call]
@@ -654,6 +672,128 @@ async def _read_body(response: Any, limit: int, attempt: _Attempt) -> bytes:
     reader = _BodyReader(limit, attempt)
     response.deliverBody(reader)
     return await reader.done
+
+
+@implementer(IAgent)
+class _BoundedGzipAgent:
+    """Takes the trailing gzip codings off each response and undoes them within the body cap.
+
+    Goes under treq's ``ContentDecoderAgent`` (which still sends ``Accept-Encoding:
+    gzip``): it takes off the same codings that one would, the trailing run of
+    ``gzip`` ones, so that decoder finds none left to inflate unbounded. The
+    codings before that run stay in the header, where the fetcher refuses them.
+    """
+
+    def __init__(self, agent: IAgent, limit: int, abort: Callable[[], None]) -> None:
+        self._agent = agent
+        self._limit = limit
+        self._abort = abort
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        requested: Deferred[IResponse] = self._agent.request(method, uri, headers, bodyProducer)
+        return requested.addCallback(self._take_gzip)
+
+    def _take_gzip(self, response: IResponse) -> IResponse:
+        values = response.headers.getRawHeaders(b"Content-Encoding")
+        if not values:
+            return response
+        codings = b",".join(values).split(b",")
+        layers = 0
+        while codings and codings[-1].strip() == GZIP_CODING:
+            codings.pop()
+            layers += 1
+        if not layers:
+            return response
+        if codings:
+            response.headers.setRawHeaders(b"Content-Encoding", [b",".join(codings)])
+        else:
+            response.headers.removeHeader(b"Content-Encoding")
+        return _GunzippedResponse(response, layers, self._limit, self._abort)
+
+
+class _GunzippedResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
+    """A response whose body is delivered with ``layers`` gzip codings undone, each within the cap."""
+
+    #: The Content-Length, if any, counts the gzip data, not the body.
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, original: IResponse, layers: int, limit: int, abort: Callable[[], None]) -> None:
+        super().__init__(original)
+        self._layers = layers
+        self._limit = limit
+        self._abort = abort
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        for _ in range(self._layers):
+            protocol = _BoundedGunzip(protocol, self._limit, self._abort)
+        self.original.deliverBody(protocol)
+
+
+class _BoundedGunzip(Protocol):
+    """Undoes one gzip coding of a body on its way to ``body``, producing at most ``limit`` + 1 bytes.
+
+    zlib inflates each piece of input no further than the room left under the
+    cap plus one byte and keeps the rest of the piece (``unconsumed_tail``) for
+    the next round, so whatever the pieces the network hands over, a bomb is
+    refused once it passes the cap rather than inflated. The body must be one
+    whole gzip stream: corrupt data, a stream cut short and data after its end
+    are refused too. A refused body is a :class:`_FetchError` handed to
+    ``body`` as its connection loss, and the connection is dropped.
+    """
+
+    def __init__(self, body: IProtocol, limit: int, abort: Callable[[], None]) -> None:
+        self._body = body
+        self._limit = limit
+        self._abort = abort
+        self._inflater = zlib.decompressobj(wbits=GZIP_WBITS)
+        self._produced = 0
+        self._refused = False
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+        self._body.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        inflater = self._inflater
+        pending = data
+        while pending and not self._refused:
+            if inflater.eof:
+                self._refuse("gzip body goes on after the end of its gzip stream")
+                return
+            room = self._limit + 1 - self._produced  # at least 1: a max_length of 0 would mean "all"
+            try:
+                decoded = inflater.decompress(pending, room)
+            except zlib.error as error:
+                self._refuse(f"gzip body is corrupt: {one_line(error)}")
+                return
+            self._produced += len(decoded)
+            if self._produced > self._limit:
+                self._refuse(f"policy body over {self._limit} bytes")
+                return
+            if decoded:
+                self._body.dataReceived(decoded)
+            # Input zlib held back for want of room, or (past the end of the stream) left over.
+            pending = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._refused:
+            return
+        ended = reason.check(ResponseDone, PotentialDataLoss)  # type: ignore[no-untyped-call]
+        if ended and not self._inflater.eof:
+            self._refuse("gzip body ends before its gzip stream does")
+            return
+        self._body.connectionLost(reason)
+
+    def _refuse(self, reason: str) -> None:
+        self._refused = True
+        self._abort()
+        self._body.connectionLost(Failure(_FetchError(reason)))  # type: ignore[no-untyped-call]
 
 
 def _connect_problem(error: neterror.ConnectError, peer: str) -> str:
