@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import socket
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -19,15 +20,25 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from twisted.web.client import ContentDecoderAgent, GzipDecoder, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from zope.interface import implementer
 
 from postfix_mtasts.policy.model import Mode, Policy
 from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
 from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchResult
-from postfix_mtasts.resolver.https import CaFileError, HttpsPolicyFetcher, policy_host
+from postfix_mtasts.resolver.https import (
+    CaFileError,
+    HttpsPolicyFetcher,
+    _BoundedGunzip,
+    _BoundedGzipAgent,
+    _FetchError,
+    policy_host,
+)
 from tests.support.https_server import (
     LEGACY_CIPHERS,
     CertKind,
@@ -274,6 +285,184 @@ async def test_body_limit_counts_decoded_gzip_bytes_and_is_inclusive(server: Hos
 
     assert isinstance(exact, FetchOK), exact
     assert over.reason == f"policy body over {len(POLICY) - 1} bytes"
+
+
+class RecordingBody(Protocol):
+    """A body protocol that keeps what it is given and how its delivery ended (once only)."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.ended: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.ended is None, "data after the end"
+        self.pieces.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        assert self.ended is None, "ended twice"
+        self.ended = reason
+
+    def refusal(self) -> str:
+        """The reason the decoder refused the body with."""
+        assert self.ended is not None and self.ended.check(_FetchError), self.ended
+        return str(self.ended.value)
+
+
+def gunzip(pieces: list[bytes], limit: int = 65536, layers: int = 1) -> tuple[RecordingBody, int]:
+    """Feed ``pieces`` through ``layers`` decoders and end the body; the body and the abort count."""
+    body = RecordingBody()
+    aborts: list[None] = []
+    protocol: Protocol = body
+    for _ in range(layers):
+        protocol = _BoundedGunzip(protocol, limit, lambda: aborts.append(None))
+    protocol.makeConnection(StringTransport())
+    for piece in pieces:
+        protocol.dataReceived(piece)
+    protocol.connectionLost(Failure(ResponseDone()))
+    return body, len(aborts)
+
+
+def split(data: bytes, size: int) -> list[bytes]:
+    return [data[start : start + size] for start in range(0, len(data), size)]
+
+
+def test_gunzip_decodes_a_body_fed_one_byte_at_a_time() -> None:
+    body, aborts = gunzip(split(gzip.compress(POLICY), 1))
+
+    assert b"".join(body.pieces) == POLICY
+    assert body.ended is not None and body.ended.check(ResponseDone)
+    assert aborts == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=0, max_value=3100), max_size=12))
+def test_gunzip_decodes_whatever_the_piece_boundaries(data: bytes, cuts: list[int]) -> None:
+    compressed = gzip.compress(data)
+    bounds = sorted({0, len(compressed), *(cut for cut in cuts if cut < len(compressed))})
+    pieces = [compressed[start:end] for start, end in itertools.pairwise(bounds)]
+
+    body, aborts = gunzip(pieces, limit=len(data))
+
+    assert b"".join(body.pieces) == data
+    assert aborts == 0
+
+
+@pytest.mark.parametrize("piece_size", [1 << 30, 16 * 1024, 7])
+def test_gunzip_refuses_a_bomb_without_handing_on_more_than_the_cap(piece_size: int) -> None:
+    bomb = gzip.compress(b"x" * BOMB_SIZE)
+    limit = 1000
+
+    body, aborts = gunzip(split(bomb, piece_size), limit=limit)
+
+    assert sum(map(len, body.pieces)) <= limit
+    assert body.refusal() == f"policy body over {limit} bytes"
+    assert aborts == 1
+
+
+def test_gunzip_within_gzip_is_bounded_at_every_layer() -> None:
+    limit = 1000
+    twice = gzip.compress(gzip.compress(b"x" * BOMB_SIZE))
+
+    decoded, _ = gunzip([gzip.compress(gzip.compress(POLICY))], limit=limit, layers=2)
+    bomb, aborts = gunzip([twice], limit=limit, layers=2)
+
+    assert b"".join(decoded.pieces) == POLICY
+    assert sum(map(len, bomb.pieces)) <= limit
+    assert bomb.refusal() == f"policy body over {limit} bytes"
+    assert aborts == 1
+
+
+CORRUPT = "gzip body is corrupt: Error -3 while decompressing data"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        ([b"this is not gzip at all\n"], f"{CORRUPT}: incorrect header check"),
+        ([corrupted_crc(gzip.compress(POLICY))], f"{CORRUPT}: incorrect data check"),
+        (split(gzip.compress(POLICY)[:-8], 5), "gzip body ends before its gzip stream does"),
+        ([gzip.compress(POLICY), b"x"], "gzip body goes on after the end of its gzip stream"),
+        ([gzip.compress(POLICY) + b"x"], "gzip body goes on after the end of its gzip stream"),
+        ([], "gzip body ends before its gzip stream does"),
+    ],
+)
+def test_gunzip_refuses_anything_but_one_whole_gzip_stream(pieces: list[bytes], expected: str) -> None:
+    body, aborts = gunzip(pieces)
+
+    assert body.refusal() == expected
+    assert aborts == 1
+
+
+class CannedResponse:
+    """Just enough of an IResponse for the agents: headers, and a body delivered at once."""
+
+    def __init__(self, body: bytes, content_encoding: str) -> None:
+        self.headers = Headers({b"Content-Encoding": [content_encoding.encode()]})
+        self.length = len(body)
+        self._body = body
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+@implementer(IAgent)
+class CannedAgent:
+    """Answers every request with its one response, and keeps the request headers."""
+
+    def __init__(self, response: CannedResponse) -> None:
+        self.response = response
+        self.headers: Headers | None = None
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: Any = None
+    ) -> Deferred[CannedResponse]:
+        self.headers = headers
+        answer: Deferred[CannedResponse] = Deferred()
+        answer.callback(self.response)
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("coding", "layers", "left"),
+    [
+        ("gzip", 1, None),
+        (" gzip , gzip", 2, None),
+        ("br, gzip", 1, b"br"),
+        ("gzip, br", 0, b"gzip,br"),
+        ("GZIP", 0, b"GZIP"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bounded_agent_leaves_treqs_decoder_nothing_to_inflate(
+    coding: str, layers: int, left: bytes | None
+) -> None:
+    bomb = b"x" * BOMB_SIZE
+    for _ in range(layers):
+        bomb = gzip.compress(bomb)
+    raw = bomb if layers else b"not decoded by anyone"
+    canned = CannedAgent(CannedResponse(raw, coding))
+    limit = 500
+    # treq puts its ContentDecoderAgent over the agent it is given: so does this test.
+    agent = ContentDecoderAgent(_BoundedGzipAgent(canned, limit, lambda: None), [(b"gzip", GzipDecoder)])
+
+    response: IResponse = await agent.request(b"GET", b"https://mta-sts.example.com/")
+    body = RecordingBody()
+    response.deliverBody(body)
+
+    assert canned.headers is not None and canned.headers.getRawHeaders(b"Accept-Encoding") == [b"gzip"]
+    # (treq's decoder leaves an empty Content-Encoding where there is none, as for any plain response.)
+    codings = [value.replace(b" ", b"") for value in response.headers.getRawHeaders(b"Content-Encoding", [])]
+    assert [coding for coding in codings if coding] == ([left] if left else [])
+    if layers:
+        assert response.length is UNKNOWN_LENGTH
+        assert sum(map(len, body.pieces)) <= limit
+        assert body.refusal() == f"policy body over {limit} bytes"
+    else:
+        assert response.length == len(raw)
+        assert body.pieces == [raw]
+        assert body.ended is not None and body.ended.check(ResponseDone)
 
 
 @pytest_twisted.ensureDeferred
