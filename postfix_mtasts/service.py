@@ -139,15 +139,20 @@ def build_store(reactor: Any, config: Config) -> IPolicyStore:
     return ResilientStore(reactor, inner, op_timeout=SHARED_STORE_OP_TIMEOUT)
 
 
-def build_resolvers(reactor: Any, config: Config) -> tuple[DnsResolver, HttpsPolicyFetcher]:
+def build_resolvers(
+    reactor: Any, config: Config, system_addresses: SystemAddressResolver | None = None
+) -> tuple[DnsResolver, HttpsPolicyFetcher]:
     """The DNS resolver and the HTTPS policy fetcher the ``[resolver]`` section describes.
 
     Without configured nameservers the policy host's addresses come from the
-    system's resolver (getaddrinfo), which follows the same configuration
-    and costs far less CPU; with them, from dnspython asking those servers.
+    system's resolver (getaddrinfo: ``system_addresses``, or a new one),
+    which follows the same configuration and costs far less CPU; with them,
+    from dnspython asking those servers.
     """
     dns = DnsResolver(nameserver_strings(config.resolver.nameservers), timeout=config.resolver.dns_timeout)
-    addresses: AddressResolver = dns if config.resolver.nameservers else SystemAddressResolver(reactor)
+    addresses: AddressResolver = dns
+    if not config.resolver.nameservers:
+        addresses = system_addresses or SystemAddressResolver(reactor)
     fetcher = HttpsPolicyFetcher(
         reactor,
         addresses,
@@ -167,8 +172,10 @@ def build_dane(reactor: Any, config: Config) -> DaneCache | None:
     return DaneCache(reactor, resolver.check, config.cache.memory_entries)
 
 
-def build_lookup(reactor: Any, config: Config, store: IPolicyStore) -> PolicyLookup:
-    dns, fetcher = build_resolvers(reactor, config)
+def build_lookup(
+    reactor: Any, config: Config, store: IPolicyStore, system_addresses: SystemAddressResolver | None = None
+) -> PolicyLookup:
+    dns, fetcher = build_resolvers(reactor, config, system_addresses)
     dane = build_dane(reactor, config)
     return PolicyLookup(reactor, dns, fetcher, store, lookup_settings(config), dane=dane)
 
@@ -332,6 +339,11 @@ class Daemon:
     listen_environment: Mapping[str, str] = field(default_factory=listen_environment_now)
     _listeners: dict[ListenerKey, IListeningPort] = field(default_factory=dict)
     _factories: dict[str, Factory] = field(default_factory=dict)
+    #: getaddrinfo's threads, one pool for the daemon's life (reloads keep it).
+    system_addresses: SystemAddressResolver = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.system_addresses = SystemAddressResolver(self.reactor)
 
     async def start(self) -> None:
         config = self.config
@@ -340,7 +352,7 @@ class Daemon:
             await self.store.open()
         except Exception as e:
             raise StartupError(f"cache ({config.cache.backend}): {e}") from e
-        self.lookup = build_lookup(self.reactor, config, self.store)
+        self.lookup = build_lookup(self.reactor, config, self.store, self.system_addresses)
         self.lookup.fetcher = TimedFetcher(self.lookup.fetcher, self.reactor, self.counters)
         await self.lookup.start(warm_in_background=True)
         self.responder = Responder(
@@ -472,7 +484,7 @@ class Daemon:
             lookup_settings(new), memory_entries=self.lookup.settings.memory_entries
         )
         if new.resolver != old.resolver:
-            dns, fetcher = build_resolvers(self.reactor, new)
+            dns, fetcher = build_resolvers(self.reactor, new, self.system_addresses)
             self.lookup.txt_resolver = dns
             self.lookup.fetcher = TimedFetcher(fetcher, self.reactor, self.counters)
             notes.append("resolver")

@@ -101,3 +101,11 @@ def test_the_fetcher_asks_the_system_only_without_configured_nameservers() -> No
     configured = parse_config('[resolver]\nnameservers = ["127.0.0.1:5353"]\n', source="<test>")
     _, fetcher = build_resolvers(reactor, configured)
     assert isinstance(fetcher._addresses, DnsResolver)
+
+
+def test_a_given_system_resolver_is_reused_so_reloads_make_no_new_threads() -> None:
+    shared = SystemAddressResolver(reactor)
+    config = parse_config("", source="<test>")
+    first = build_resolvers(reactor, config, shared)[1]
+    again = build_resolvers(reactor, config, shared)[1]
+    assert first._addresses is shared and again._addresses is shared
