@@ -90,10 +90,23 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     control = str(tmp_path / "control.sock")
     daemon = await DaemonProcess.start(reactor(), tmp_path, config_text(world, port, control))
     try:
+        # The daemon opens its control socket just after the Postfix listener
+        # that DaemonProcess waits for.
+        await _appears(control)
         yield Running(world, daemon, f"inet:{LOOPBACK}:{port}", control, tmp_path)
     finally:
         await daemon.close()
         await world.stop()
+
+
+async def _appears(path: str, limit: float = 10.0) -> None:
+    waited = 0.0
+    while not os.path.exists(path):
+        assert waited < limit, f"{path} did not appear within {limit}s"
+        pause: Deferred[None] = Deferred()
+        reactor().callLater(0.02, pause.callback, None)
+        await pause
+        waited += 0.02
 
 
 async def cached_two(running: Running) -> None:
