@@ -52,6 +52,7 @@ DAEMON_PORT = 8462
 FLOOR_PORT = 8463
 FLOOR_EPOLL_PORT = 8464
 FLOOR_EAGER_PORT = 8465
+FLOOR_RAW_PORT = 8466
 TRIVIAL_PORT = 8499
 #: Seconds a daemon may take to accept connections before the run gives up.
 READY_LIMIT = 120.0
@@ -435,7 +436,10 @@ def run_servers(world: World, work: str, args: argparse.Namespace) -> dict[str, 
             peer_state = {}
         floors = []
         for reactor_name, port in (
-            ("asyncio", FLOOR_PORT), ("epoll", FLOOR_EPOLL_PORT), ("epoll-eager", FLOOR_EAGER_PORT)
+            ("asyncio", FLOOR_PORT),
+            ("epoll", FLOOR_EPOLL_PORT),
+            ("epoll-eager", FLOOR_EAGER_PORT),
+            ("epoll-raw", FLOOR_RAW_PORT),
         ):
             process = start_floor(reactor_name, port, os.path.join(RESULTS, f"floor-{reactor_name}.log"))
             processes.append(process)
@@ -783,6 +787,8 @@ def report(results: dict[str, Any]) -> str:
     )
     c_eager = floor.get("epoll-eager", {}).get("lookups_per_cpu_s")
     row("  floor (sending at once): lookups per CPU-s", fmt_rate(c_eager), "", ratio(c_ours, c_eager), "")
+    c_raw = floor.get("epoll-raw", {}).get("lookups_per_cpu_s")
+    row("  floor (at once, no parsing): lookups per CPU-s", fmt_rate(c_raw), "", ratio(c_ours, c_raw), "")
     hot = results.get("hotpath", {})
     if "ours_us_per_request" in hot:
         row(

@@ -5,9 +5,11 @@ request on the given reactor: "epoll" (postfix-mtasts's own with its default
 SQLite cache) or "asyncio" (its reactor with Redis or PostgreSQL).
 "epoll-eager" sends each reply on the socket at once when nothing is
 buffered, as postfix-mtasts does, instead of through ``transport.write``:
-the floor for a design that does that too.
+the floor for a design that does that too. "epoll-raw" does that and parses
+nothing (each chunk read is taken for one request, as the load generator
+sends them): the reactor and the system calls alone.
 
-    python bench/floor.py PORT [asyncio|epoll|epoll-eager]
+    python bench/floor.py PORT [asyncio|epoll|epoll-eager|epoll-raw]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def main() -> int:
         from twisted.internet import asyncioreactor
 
         asyncioreactor.install(asyncio.new_event_loop())  # type: ignore[no-untyped-call]
-    elif kind in ("epoll", "epoll-eager"):
+    elif kind in ("epoll", "epoll-eager", "epoll-raw"):
         from twisted.internet import epollreactor
 
         epollreactor.install()  # type: ignore[no-untyped-call]
@@ -36,7 +38,7 @@ def main() -> int:
     from twisted.internet import reactor as global_reactor
 
     reactor: Any = global_reactor
-    from twisted.internet.protocol import Factory
+    from twisted.internet.protocol import Factory, Protocol
     from twisted.protocols.basic import NetstringReceiver
 
     class Constant(NetstringReceiver):
@@ -59,7 +61,22 @@ def main() -> int:
                 return
             transport.write(wire)
 
-    factory = Factory.forProtocol(EagerConstant if kind == "epoll-eager" else Constant)
+    class RawConstant(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            transport: Any = self.transport
+            if not transport.dataBuffer and not transport._tempDataBuffer:
+                try:
+                    sent = transport.getHandle().send(wire)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(wire):
+                    return
+                transport.write(wire[sent:])
+                return
+            transport.write(wire)
+
+    protocols: dict[str, type[Protocol]] = {"epoll-eager": EagerConstant, "epoll-raw": RawConstant}
+    factory = Factory.forProtocol(protocols.get(kind, Constant))
     factory.noisy = False
     reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=256)
     reactor.run()
