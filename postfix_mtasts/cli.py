@@ -4,8 +4,8 @@ The reactor is installed here, before anything imports
 ``twisted.internet.reactor``. With the Redis or PostgreSQL cache it is
 Twisted's asyncio reactor, because their clients are asyncio libraries;
 otherwise it is Twisted's default (epoll on Linux), on which a bare Twisted
-socketmap server serves about 30% more lookups per CPU-second than on the
-asyncio reactor (bench/README.rst). DNS works on either: dnspython runs on a Twisted I/O
+socketmap server serves about a third more lookups per CPU-second than on
+the asyncio reactor (bench/README.rst). DNS works on either: dnspython runs on a Twisted I/O
 backend (postfix_mtasts.resolver.twisted_backend).
 """
 
