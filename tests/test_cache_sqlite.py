@@ -368,6 +368,105 @@ async def test_full_database_is_unavailable_then_recovers(
     assert await store.get("after.example") == fetched("after.example")
 
 
+# --- group commit ----------------------------------------------------------------
+
+
+def _rows_on_disk(path: Path, domain: str | None = None) -> int:
+    """Rows another connection sees committed (for ``domain``, or all)."""
+    conn = _db(path)
+    try:
+        if domain is None:
+            return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+        return int(conn.execute("SELECT count(*) FROM entries WHERE domain = ?", (domain,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+@ensure_deferred
+async def test_puts_made_during_a_write_share_the_next_transaction(store_factory: SqliteFactory) -> None:
+    from twisted.internet.defer import Deferred, gatherResults
+
+    store = await store_factory.open_sqlite()
+    on_disk_when_told: dict[str, int] = {}
+
+    def told(_: object, domain: str) -> None:
+        on_disk_when_told[domain] = _rows_on_disk(store_factory.path, domain)
+
+    puts = []
+    for i in range(50):
+        domain = f"d{i:02}.example"
+        put = Deferred.fromCoroutine(store.put(fetched(domain)))
+        put.addCallback(told, domain)
+        puts.append(put)
+    await gatherResults(puts)
+    # Each caller hears of its entry only once the entry is committed.
+    assert on_disk_when_told == {f"d{i:02}.example": 1 for i in range(50)}
+    # The first put went alone; the 49 made while it was written, together.
+    assert (store.write_transactions, store.upserts) == (2, 50)
+    # A lone write later still goes at once, in a transaction of its own.
+    await store.put(negative("alone.example"))
+    assert (store.write_transactions, store.upserts) == (3, 51)
+
+
+@ensure_deferred
+async def test_writes_keep_the_order_they_were_asked_in(store_factory: SqliteFactory) -> None:
+    from twisted.internet.defer import Deferred, gatherResults
+
+    store = await store_factory.open_sqlite()
+    v2, v3 = fetched("a.example", policy_id="v2"), fetched("a.example", policy_id="v3")
+    writes = [
+        Deferred.fromCoroutine(work)
+        for work in (
+            store.put(negative("first.example")),  # written while the rest queue
+            store.put(v2),
+            store.delete("a.example"),
+            store.put(fetched("b.example")),
+            store.delete_all(),
+            store.put(fetched("c.example")),
+            store.put(v3),
+        )
+    ]
+    await gatherResults(writes)
+    assert await store.get("a.example") == v3
+    assert await store.get("b.example") is None
+    assert await store.get("first.example") is None
+    assert await store.get("c.example") == fetched("c.example")
+    # The last two puts shared one transaction; nothing crossed a delete.
+    assert store.write_transactions == 6
+
+
+@ensure_deferred
+async def test_a_failed_group_commit_fails_every_put_in_it_then_recovers(
+    store_factory: SqliteFactory,
+) -> None:
+    from twisted.internet.defer import Deferred, DeferredList
+
+    store = await store_factory.open_sqlite(max_bytes=64 * 1024)
+    puts = [Deferred.fromCoroutine(store.put(fetched(f"host{i:04}.example"))) for i in range(400)]
+    outcomes = await DeferredList(puts, consumeErrors=True)
+    # The first went alone and fits; the other 399 did not fit in one transaction.
+    assert outcomes[0] == (True, None)
+    refusals = [result for ok, result in outcomes[1:] if not ok]
+    assert len(refusals) == 399
+    assert all(r.check(StoreUnavailable) and "full" in str(r.value) for r in refusals)
+    assert _rows_on_disk(store_factory.path) == 1
+    await store.put(fetched("after.example"))
+    assert await store.get("after.example") == fetched("after.example")
+
+
+@ensure_deferred
+async def test_close_commits_the_writes_still_queued(store_factory: SqliteFactory) -> None:
+    from twisted.internet.defer import Deferred
+
+    store = await store_factory.open_sqlite()
+    puts = [Deferred.fromCoroutine(store.put(fetched(f"d{i:02}.example"))) for i in range(20)]
+    await store.close()
+    assert all(put.called for put in puts)
+    assert _rows_on_disk(store_factory.path) == 20
+    with pytest.raises(StoreUnavailable):
+        await store.put(fetched("late.example"))
+
+
 @ensure_deferred
 async def test_unopenable_directory_is_unavailable(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
