@@ -64,8 +64,8 @@ class Responder:
         self.counters = counters
         self._profiles = profiles
         self._bracketed = bracketed
-        # Per profile name: the profile object and its AnswerOptions, built once.
-        self._options: dict[str, tuple[ProfileOptions, AnswerOptions]] = {}
+        # Per profile name: its AnswerOptions, built once (until a reload).
+        self._options: dict[str, AnswerOptions] = {}
         self._decisions: dict[bytes, Resolve | Skip] = {}
 
     # A reload assigns these; the caches derived from them start afresh.
@@ -98,23 +98,26 @@ class Responder:
         return decision
 
     def _answer_options(self, profile_name: str, profile: ProfileOptions) -> AnswerOptions:
-        known = self._options.get(profile_name)
-        if known is not None and known[0] is profile:
-            return known[1]
         options = AnswerOptions.of(profile)
-        self._options[profile_name] = (profile, options)
+        self._options[profile_name] = options
         return options
 
     def respond(self, profile_name: str, key: bytes) -> Answer | Deferred[Answer]:
         counters = self.counters
-        profile = self._profiles.get(profile_name)
-        if profile is None:
-            names = ", ".join(sorted(self.profiles))
-            log.warning("request for unknown map name %r (configured profiles: %s)", profile_name, names)
-            refused = Answer.perm(f"unknown map name {profile_name!r}; configured: {names}")
-            if counters is not None:
-                counters.count_answer(UNKNOWN_PROFILE, refused)
-            return refused
+        # A known profile's options are one lookup away (the profiles setter
+        # empties this cache); an unknown map name is refused.
+        options = self._options.get(profile_name)
+        if options is None:
+            profile = self._profiles.get(profile_name)
+            if profile is None:
+                names = ", ".join(sorted(self.profiles))
+                log.warning("request for unknown map name %r (configured profiles: %s)", profile_name, names)
+                refused = Answer.perm(f"unknown map name {profile_name!r}; configured: {names}")
+                if counters is not None:
+                    counters.count_answer(UNKNOWN_PROFILE, refused)
+                return refused
+            # enforce_testing, and the optional tlsrpt, tlsrpt_policy_failure and dane.
+            options = self._answer_options(profile_name, profile)
         decision = self._decisions.get(key) or self._classify(key)
         if not isinstance(decision, Resolve):
             if log.isEnabledFor(logging.DEBUG):
@@ -124,11 +127,6 @@ class Responder:
             if counters is not None:
                 counters.count_answer(profile_name, skipped)
             return skipped
-        # enforce_testing, and the optional tlsrpt, tlsrpt_policy_failure and dane.
-        known = self._options.get(profile_name)
-        options = known[1] if known is not None and known[0] is profile else self._answer_options(
-            profile_name, profile
-        )
         cached = self.lookup.answer_now(decision.domain, options)
         if cached is not None:
             if counters is not None:

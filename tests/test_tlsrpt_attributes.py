@@ -420,6 +420,20 @@ def test_expired_policy_with_failed_refresh_keeps_the_category(rig: Rig) -> None
     assert rig.socketmap("postfix") == ("NOTFOUND", "")
 
 
+def test_a_reload_changes_what_a_known_profile_answers(rig: Rig) -> None:
+    rig.publish(DOMAIN, RFC_POLICY)
+    plain = "secure match=.example.net:backupmx.example.com:mail.example.com servername=hostname"
+    assert rig.socketmap("postfix") == ("OK", plain)
+    # What a reload does: the same name, other switches; an unknown name is refused.
+    rig.responder.profiles = {"postfix": Profile(tlsrpt=True)}
+    assert rig.socketmap("postfix") == ("OK", RFC_ANSWER)
+    kind, text = rig.socketmap("report")
+    assert kind == "PERM" and "unknown map name 'report'" in text
+    rig.responder.profiles = PROFILES
+    assert rig.socketmap("postfix") == ("OK", plain)
+    assert rig.socketmap("report") == ("OK", RFC_ANSWER)
+
+
 def test_answer_options_from_profiles() -> None:
     assert AnswerOptions.of(False) == AnswerOptions()
     assert AnswerOptions.of(True) == AnswerOptions(enforce_testing=True)

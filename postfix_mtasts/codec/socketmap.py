@@ -206,9 +206,12 @@ class SocketmapDecoder:
         nothing is buffered, as Postfix sends them; None for anything else,
         which :meth:`feed` must then be given. Decodes like :meth:`feed`."""
         known = _WHOLE_REQUESTS.get(data)
-        if known is not None and self._reader.idle:
+        reader = self._reader
+        # NetstringReader.idle spelt out: this runs for every request.
+        if (known is not None and not reader._buffer
+                and reader._payload_length is None and reader._error is None):
             return known
-        payload = self._reader.whole_if_idle(data)
+        payload = reader.whole_if_idle(data)
         if payload is None:
             return None
         name, space, key = payload.partition(b" ")
