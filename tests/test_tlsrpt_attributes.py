@@ -434,6 +434,15 @@ def test_a_reload_changes_what_a_known_profile_answers(rig: Rig) -> None:
     assert rig.socketmap("report") == ("OK", RFC_ANSWER)
 
 
+def test_answer_options_codes_tell_every_combination_apart() -> None:
+    import itertools
+
+    combos = [AnswerOptions(*bits) for bits in itertools.product((False, True), repeat=4)]
+    assert len({options.code for options in combos}) == 16
+    assert all(hash(options) == options.code for options in combos)
+    assert AnswerOptions(tlsrpt=True) == AnswerOptions(tlsrpt=True)
+
+
 def test_answer_options_from_profiles() -> None:
     assert AnswerOptions.of(False) == AnswerOptions()
     assert AnswerOptions.of(True) == AnswerOptions(enforce_testing=True)

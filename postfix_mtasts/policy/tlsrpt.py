@@ -58,16 +58,20 @@ class AnswerOptions:
     tlsrpt: bool = False
     policy_failure: bool = False
     dane: bool = False
-    # Computed once: every warm hit looks its answer up by these options.
-    _hash: int = field(init=False, repr=False, compare=False)
+    #: The four switches as one small int, distinct for distinct options:
+    #: what the front keys a domain's answers on, since an int is hashed in C
+    #: and every warm hit looks its answer up.
+    code: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "_hash", hash((self.enforce_testing, self.tlsrpt, self.policy_failure, self.dane))
+            self,
+            "code",
+            self.enforce_testing | self.tlsrpt << 1 | self.policy_failure << 2 | self.dane << 3,
         )
 
     def __hash__(self) -> int:
-        return self._hash
+        return self.code
 
     @classmethod
     def of(cls, profile: object) -> AnswerOptions:
