@@ -520,6 +520,9 @@ class _PolicyHostEndpoint:
         attempt.step(f"resolved {host}: {' '.join(addresses)}")
 
         creator = cast(IOpenSSLClientConnectionCreator, self._tls)
+        # The Agent's factory serves this one connection: no "Starting factory"
+        # and "Stopping factory" log events for every fetch.
+        cast(Any, protocolFactory).noisy = False
         problems: list[str] = []
         for address in addresses:
             peer = f"[{address}]:{attempt.port}" if ":" in address else f"{address}:{attempt.port}"

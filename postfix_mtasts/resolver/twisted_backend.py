@@ -115,6 +115,9 @@ class _Waiter:
 class _DatagramReceiver(DatagramProtocol):
     """Queues what arrives on a UDP port: ``(data, address)`` or an error."""
 
+    # No "Starting protocol" / "Stopping protocol" log event for every query.
+    noisy = False
+
     def __init__(self) -> None:
         self.arrived: deque[tuple[bytes, tuple[Any, ...]] | BaseException] = deque()
         self.waiter = _Waiter()
