@@ -35,7 +35,8 @@ log = logging.getLogger("postfix_mtasts.cache")
 
 #: Rows read per job when loading the cache at start-up.
 LOAD_BATCH = 5000
-#: Most entries one group-committed transaction writes.
+#: A waiting group-committed transaction takes no more puts once it holds
+#: this many entries (a put_many joins whole): the next one starts instead.
 WRITE_BATCH = 500
 #: Seconds a statement waits for another connection's lock before failing.
 BUSY_TIMEOUT = 5.0
