@@ -125,7 +125,7 @@ async def test_correct_domain_gives_only_ok_findings(lab: Lab) -> None:
         Topic.TLSRPT,
     }
     assert the_one(findings, Topic.STS_TXT, Level.OK, f"_mta-sts.{DOMAIN}: one record, id {POLICY_ID}")
-    # The policy host's expiry date is read from the fetcher's trace.
+    # The policy host's expiry date is what the fetcher saw of its certificate.
     policy_tls = the_one(findings, Topic.POLICY_HOST_TLS, Level.OK, "certificate valid and trusted, TLSv1.")
     assert ", expires " in policy_tls.message and " days)" in policy_tls.message
     assert the_one(findings, Topic.SMTP_CERTIFICATE, Level.OK, f"{MX1}: certificate valid for {MX1}")
@@ -185,20 +185,25 @@ async def test_policy_host_does_not_resolve(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "text"),
+    ("kind", "text", "fix"),
     [
-        (CertKind.EXPIRED, "certificate has expired"),
-        (CertKind.WRONG_NAME, f"certificate not valid for mta-sts.{DOMAIN}"),
-        (CertKind.UNTRUSTED, "certificate issuer is not trusted"),
+        (CertKind.EXPIRED, "certificate has expired", f"renew the certificate of mta-sts.{DOMAIN}"),
+        (
+            CertKind.WRONG_NAME,
+            f"certificate not valid for mta-sts.{DOMAIN}",
+            f"a certificate whose subjectAltName includes mta-sts.{DOMAIN}",
+        ),
+        (CertKind.UNTRUSTED, "certificate issuer is not trusted", "with the intermediate certificates"),
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_policy_host_certificate_problems(lab: Lab, kind: CertKind, text: str) -> None:
+async def test_policy_host_certificate_problems(lab: Lab, kind: CertKind, text: str, fix: str) -> None:
     policy = World.policy_text(mx=(MX1,), max_age=604800).encode()
     lab.world.https.set_host(f"mta-sts.{DOMAIN}", Serve(body=policy), certificate=kind)
     findings = await lab.audit()
     finding = the_one(findings, Topic.POLICY_HOST_TLS, Level.ERROR, text)
     assert "cannot fetch your policy" in finding.meaning
+    assert fix in finding.fix, finding.fix
     assert exit_status(findings) == 1
 
 
@@ -214,7 +219,8 @@ async def test_policy_host_redirect(lab: Lab) -> None:
 async def test_policy_host_status(lab: Lab) -> None:
     lab.world.https.set_host(f"mta-sts.{DOMAIN}", Serve(body=b"gone\n", status=404))
     findings = await lab.audit()
-    the_one(findings, Topic.POLICY_HOST_HTTP, Level.ERROR, "HTTP 404")
+    finding = the_one(findings, Topic.POLICY_HOST_HTTP, Level.ERROR, "HTTP 404")
+    assert "with status 200 and the policy" in finding.fix, finding.fix
 
 
 @pytest_twisted.ensureDeferred
@@ -231,7 +237,8 @@ async def test_policy_too_big(lab: Lab) -> None:
     policy = World.policy_text(mx=(MX1,)) + "x-padding: " + "y" * 70_000 + "\r\n"
     lab.world.https.set_host(f"mta-sts.{DOMAIN}", Serve(body=policy.encode()))
     findings = await lab.audit()
-    the_one(findings, Topic.POLICY_HOST_HTTP, Level.ERROR, "policy body over 65536 bytes")
+    finding = the_one(findings, Topic.POLICY_HOST_HTTP, Level.ERROR, "policy body over 65536 bytes")
+    assert "stop reading an oversized policy" in finding.meaning
 
 
 @pytest_twisted.ensureDeferred

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from postfix_mtasts.policy.model import Mode, Policy
 from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
-from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchResult
+from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchProblem, FetchResult
 from postfix_mtasts.resolver.https import (
     CaFileError,
     HttpsPolicyFetcher,
@@ -138,6 +138,9 @@ async def test_good_policy_is_fetched_parsed_and_traced(server: HostileHttpsServ
     assert isinstance(result, FetchOK), result
     assert result.policy == EXPECTED
     assert result.text == POLICY.decode()
+    assert result.tls_version.startswith("TLSv1.")
+    assert result.not_after is not None and result.not_after.tzinfo is not None
+    assert result.body_bytes == len(POLICY)
     assert resolver.asked == [HOST]
     assert server.requests[HOST] == 1
     assert server.state(HOST).paths == ["/.well-known/mta-sts.txt"]
@@ -272,6 +275,7 @@ async def test_corrupt_gzip_is_a_fetch_error(server: HostileHttpsServer, body: b
     failed = await fetch_failed(fetcher_for(server))
 
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == FetchProblem.CONTENT_CODING
     assert failed.reason.startswith("gzip body "), failed.reason
     await server.wait_idle()
 
@@ -500,38 +504,45 @@ async def test_identity_content_encoding_is_accepted(server: HostileHttpsServer)
 # --- HTTP-level failures -------------------------------------------------------
 
 
+MEDIA, STATUS, CODING = FetchProblem.MEDIA_TYPE, FetchProblem.HTTP_STATUS, FetchProblem.CONTENT_CODING
+
+
 @pytest.mark.parametrize(
-    ("serve", "expected"),
+    ("serve", "expected", "problem"),
     [
-        (Serve(POLICY, content_type="text/html"), "media type text/html, not text/plain"),
-        (Serve(POLICY, content_type="text/plainish"), "media type text/plainish, not text/plain"),
-        (Serve(POLICY, content_type=None), "no Content-Type headers"),
-        (Serve(POLICY, status=404), "HTTP 404 Not Found, not 200"),
-        (Serve(POLICY, status=500), "HTTP 500"),
-        (Serve(POLICY, status=204), "HTTP 204"),
+        (Serve(POLICY, content_type="text/html"), "media type text/html, not text/plain", MEDIA),
+        (Serve(POLICY, content_type="text/plainish"), "media type text/plainish, not text/plain", MEDIA),
+        (Serve(POLICY, content_type=None), "no Content-Type headers", MEDIA),
+        (Serve(POLICY, status=404), "HTTP 404 Not Found, not 200", STATUS),
+        (Serve(POLICY, status=500), "HTTP 500", STATUS),
+        (Serve(POLICY, status=204), "HTTP 204", STATUS),
         (
             Serve(POLICY, headers=(("Content-Encoding", "br"),)),
             "content coding br refused",
+            CODING,
         ),
         (
             Serve(gzip.compress(POLICY), headers=(("Content-Encoding", "br, gzip"),)),
             "content coding br refused",
+            CODING,
         ),
         (
             Serve(POLICY, headers=(("Content-Encoding", "gzip, br"),)),
             "content coding gzip, br refused",
+            CODING,
         ),
     ],
 )
 @pytest_twisted.ensureDeferred
 async def test_bad_http_answers_are_fetch_errors(
-    server: HostileHttpsServer, serve: Serve, expected: str
+    server: HostileHttpsServer, serve: Serve, expected: str, problem: str
 ) -> None:
     server.set_host(HOST, serve)
 
     failed = await fetch_failed(fetcher_for(server))
 
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == problem
     assert expected in failed.reason, failed.reason
     assert server.requests[HOST] == 1
 
@@ -546,6 +557,7 @@ async def test_redirect_is_not_followed(server: HostileHttpsServer, status: int)
     failed = await fetch_failed(fetcher_for(server))
 
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == FetchProblem.REDIRECT
     assert f"HTTP {status} redirect to {target} (not followed)" in failed.reason
     assert server.requests[HOST] == 1
     assert server.requests["mta-sts.elsewhere.example"] == 0
@@ -562,6 +574,7 @@ async def test_invalid_policy_is_invalid_with_the_parsers_reason(server: Hostile
     failed = await fetch_failed(fetcher_for(server))
 
     assert failed.category == FailureCategory.INVALID
+    assert failed.problem == FetchProblem.INVALID_POLICY
     assert str(parsed.value) in failed.reason
     assert any("body" in step for step in failed.trace)
 
@@ -570,23 +583,24 @@ async def test_invalid_policy_is_invalid_with_the_parsers_reason(server: Hostile
 
 
 @pytest.mark.parametrize(
-    ("kind", "expected"),
+    ("kind", "expected", "problem"),
     [
-        (CertKind.WRONG_NAME, "certificate not valid for mta-sts.example.com"),
-        (CertKind.CN_ONLY, "certificate not valid for mta-sts.example.com"),
-        (CertKind.EXPIRED, "certificate has expired"),
-        (CertKind.UNTRUSTED, "certificate issuer is not trusted"),
+        (CertKind.WRONG_NAME, "certificate not valid for mta-sts.example.com", FetchProblem.CERTIFICATE_NAME),
+        (CertKind.CN_ONLY, "certificate not valid for mta-sts.example.com", FetchProblem.CERTIFICATE_NAME),
+        (CertKind.EXPIRED, "certificate has expired", FetchProblem.CERTIFICATE_EXPIRED),
+        (CertKind.UNTRUSTED, "certificate issuer is not trusted", FetchProblem.CERTIFICATE_UNTRUSTED),
     ],
 )
 @pytest_twisted.ensureDeferred
 async def test_certificate_problems_are_webpki_errors(
-    server: HostileHttpsServer, kind: CertKind, expected: str
+    server: HostileHttpsServer, kind: CertKind, expected: str, problem: str
 ) -> None:
     server.set_host(HOST, Serve(POLICY), certificate=kind)
 
     failed = await fetch_failed(fetcher_for(server))
 
     assert failed.category == FailureCategory.WEBPKI
+    assert failed.problem == problem
     assert expected in failed.reason, failed.reason
     assert server.sni_names == [HOST]
     assert server.requests[HOST] == 0
@@ -632,6 +646,7 @@ async def test_platform_trust_does_not_trust_the_test_ca(server: HostileHttpsSer
     failed = await fetch_failed(fetcher)
 
     assert failed.category == FailureCategory.WEBPKI
+    assert failed.problem == FetchProblem.CERTIFICATE_UNTRUSTED
     assert "not trusted" in failed.reason
 
 
@@ -654,6 +669,7 @@ async def test_oversized_chunked_body_is_cut_off(server: HostileHttpsServer) -> 
     failed = await fetch_failed(fetcher_for(server))
 
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == FetchProblem.TOO_LARGE
     assert "policy body over 65536 bytes" in failed.reason
     await server.wait_idle()
     state = server.state(HOST)
@@ -669,6 +685,7 @@ async def test_oversized_declared_length_is_refused_before_reading(server: Hosti
     failed = await fetch_failed(fetcher_for(server))
 
     assert f"policy body over 65536 bytes (Content-Length {Oversized().total})" in failed.reason
+    assert failed.problem == FetchProblem.TOO_LARGE
     await server.wait_idle()
     assert server.state(HOST).aborted == 1
 
@@ -695,6 +712,7 @@ async def test_slow_drip_fails_at_the_deadline_and_is_dropped(server: HostileHtt
     failed = await fetch_failed(fetcher_for(server, timeout=SHORT_DEADLINE))
 
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == FetchProblem.TIMEOUT
     assert f"no answer within {SHORT_DEADLINE}s (while reading the body)" in failed.reason
     await server.wait_idle()
     state = server.state(HOST)
@@ -728,6 +746,7 @@ async def test_slow_resolver_fails_at_the_deadline(server: HostileHttpsServer) -
     failed = await fetch_failed(fetcher)
 
     assert f"no answer within {SHORT_DEADLINE}s (while resolving {HOST})" in failed.reason
+    assert failed.problem == FetchProblem.TIMEOUT
     assert server.connections_accepted == 0
 
 
@@ -774,6 +793,7 @@ async def test_plain_http_instead_of_tls_is_a_handshake_failure() -> None:
         await plain.stop()
 
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == FetchProblem.TLS_HANDSHAKE
     assert f"TLS handshake with 127.0.0.1:{plain.port} failed" in failed.reason
 
 
@@ -823,6 +843,7 @@ async def test_tls_1_1_only_host_is_refused() -> None:
 
     assert spoken == "TLSv1.1"
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == FetchProblem.TLS_HANDSHAKE
     assert f"TLS handshake with 127.0.0.1:{legacy.port} failed" in failed.reason
     assert "TLS 1.2 or later required" in failed.reason
     assert legacy.requests[HOST] == 0
@@ -835,6 +856,7 @@ async def test_unresolvable_host_is_a_fetch_error(server: HostileHttpsServer) ->
     failed = await fetch_failed(fetcher_for(server, resolver), "nowhere.example")
 
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == FetchProblem.RESOLVE
     assert "cannot resolve mta-sts.nowhere.example: mta-sts.nowhere.example: no such name" in failed.reason
     assert server.connections_accepted == 0
 
@@ -850,6 +872,7 @@ async def test_resolver_without_usable_address_is_a_fetch_error(server: HostileH
     failed = await fetch_failed(fetcher)
 
     assert "mta-sts.example.com has no usable address" in failed.reason
+    assert failed.problem == FetchProblem.RESOLVE
 
 
 @pytest_twisted.ensureDeferred
@@ -862,6 +885,7 @@ async def test_connection_refused_is_a_fetch_error(server: HostileHttpsServer) -
     failed = await fetch_failed(fetcher)
 
     assert failed.category == FailureCategory.FETCH
+    assert failed.problem == FetchProblem.CONNECT
     assert failed.reason == f"connection refused by 127.0.0.1:{closed_port}"
 
 

@@ -36,7 +36,7 @@ from postfix_mtasts.check.smtp import (
 from postfix_mtasts.policy.model import Mode, Policy
 from postfix_mtasts.policy.mx import mx_matches
 from postfix_mtasts.policy.txt import parse_sts_records
-from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK
+from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchProblem
 from postfix_mtasts.resolver.dns import AddressLookupError, DnsResolver, RecordLookupError
 from postfix_mtasts.resolver.https import (
     POLICY_HOST_PREFIX,
@@ -62,11 +62,7 @@ ID_FORMAT = "%Y%m%d%H%M%S"
 
 _T = TypeVar("_T")
 
-# The fetcher's trace lines this audit reads details from (resolver/https.py).
-_TRACE_TLS = re.compile(r"TLS (?P<version>\S+), ")
-_TRACE_NOT_AFTER = re.compile(r"certificate subject .* notAfter (?P<date>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)Z\Z")
-_TRACE_BODY = re.compile(r"body (?P<size>\d+) bytes\Z")
-_TRACE_STATUS = re.compile(r"HTTP (?P<status>\d{3})\b")
+# The max_age line of a policy file, as published.
 _MAX_AGE_LINE = re.compile(r"^max_age:[ \t]*(?P<value>[0-9]+)[ \t]*\r?$", re.MULTILINE)
 # tlsrpt-ext-name / field names: (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".")
 _TLSRPT_FIELD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
@@ -230,16 +226,15 @@ class Auditor:
         return findings, result.policy
 
     def _fetch_success(self, host: str, url: str, result: FetchOK) -> list[Finding]:
-        version = _trace_value(result.trace, _TRACE_TLS, "version") or "TLS"
-        not_after = _trace_value(result.trace, _TRACE_NOT_AFTER, "date")
-        size = _trace_value(result.trace, _TRACE_BODY, "size")
+        version = result.tls_version or "TLS"
+        expires = result.not_after
+        size = result.body_bytes
         findings: list[Finding] = []
-        if not_after is None:
+        if expires is None:
             findings.append(
                 Finding.ok(Topic.POLICY_HOST_TLS, f"{host}: certificate valid and trusted, {version}")
             )
         else:
-            expires = datetime.datetime.strptime(not_after, "%Y-%m-%d %H:%M:%S").replace(tzinfo=datetime.UTC)
             findings.append(
                 expiry_finding(
                     Topic.POLICY_HOST_TLS,
@@ -253,20 +248,23 @@ class Auditor:
         findings.append(
             Finding.ok(
                 Topic.POLICY_HOST_HTTP,
-                f"{url}: HTTP 200, {POLICY_MEDIA_TYPE}, {size or '?'} bytes, no redirect",
+                f"{url}: HTTP 200, {POLICY_MEDIA_TYPE}, {'?' if size is None else size} bytes, no redirect",
             )
         )
         return findings
 
     def _fetch_failure(self, host: str, url: str, result: FetchFailed) -> Finding:
+        """The finding, with its advice, for a failed fetch: chosen by what the
+        fetcher says went wrong (``result.problem``), never by its wording."""
         reason = result.reason
+        problem = result.problem
         meaning = "senders cannot fetch your policy, so MTA-STS is not in force"
         if result.category == FailureCategory.WEBPKI:
-            if "expired" in reason:
+            if problem == FetchProblem.CERTIFICATE_EXPIRED:
                 fix = f"renew the certificate of {host} and install it on the web server"
-            elif "not valid for" in reason:
+            elif problem == FetchProblem.CERTIFICATE_NAME:
                 fix = f"use a certificate whose subjectAltName includes {host}"
-            elif "trusted" in reason or "self-signed" in reason:
+            elif problem == FetchProblem.CERTIFICATE_UNTRUSTED:
                 fix = (
                     f"serve {host} with a certificate from a public CA, with the intermediate "
                     "certificates of its chain"
@@ -282,42 +280,42 @@ class Auditor:
                 'correct the file: "version: STSv1", "mode: enforce|testing|none", '
                 'one "mx: <host or *.domain>" line per MX, "max_age: <seconds>"',
             )
-        if reason.startswith("TLS handshake"):
+        if problem == FetchProblem.TLS_HANDSHAKE:
             return Finding.error(
                 Topic.POLICY_HOST_TLS,
                 f"{host}: {reason}",
                 meaning,
                 f"serve {host} over TLS 1.2 or later with a certificate from a public CA",
             )
-        if "redirect" in reason:
+        if problem == FetchProblem.REDIRECT:
             return Finding.error(
                 Topic.POLICY_HOST_HTTP,
                 f"{url}: {reason}",
                 "senders do not follow redirects (RFC 8461 §3.3), so they cannot fetch your policy",
                 f"serve the policy file itself at {url}, with status 200",
             )
-        if "media type" in reason or "Content-Type" in reason:
+        if problem == FetchProblem.MEDIA_TYPE:
             return Finding.error(
                 Topic.POLICY_HOST_HTTP,
                 f"{url}: {reason}",
                 "senders reject a policy not served as text/plain (RFC 8461 §3.2)",
                 f'serve {POLICY_PATH} with "Content-Type: {POLICY_MEDIA_TYPE}"',
             )
-        if "over" in reason and "bytes" in reason:
+        if problem == FetchProblem.TOO_LARGE:
             return Finding.error(
                 Topic.POLICY_HOST_HTTP,
                 f"{url}: {reason}",
                 "senders stop reading an oversized policy and ignore it",
                 f"serve only the policy (a few lines; at most {limits.POLICY_BODY_LIMIT} bytes)",
             )
-        if "content coding" in reason:
+        if problem == FetchProblem.CONTENT_CODING:
             return Finding.error(
                 Topic.POLICY_HOST_HTTP,
                 f"{url}: {reason}",
                 meaning,
                 f"serve {POLICY_PATH} uncompressed or gzip-compressed (no other Content-Encoding)",
             )
-        if _TRACE_STATUS.match(reason):
+        if problem == FetchProblem.HTTP_STATUS:
             return Finding.error(
                 Topic.POLICY_HOST_HTTP,
                 f"{url}: {reason}",
@@ -687,14 +685,6 @@ def tlsrpt_finding(name: str, domain: str, records: Sequence[bytes]) -> Finding:
             "(several addresses separated by commas; mailto: or https: only)",
         )
     return Finding.ok(Topic.TLSRPT, f"{name}: reports go to {', '.join(rua)}")
-
-
-def _trace_value(trace: Sequence[str], pattern: re.Pattern[str], group: str) -> str | None:
-    for line in trace:
-        match = pattern.match(line)
-        if match:
-            return match[group]
-    return None
 
 
 def _duration(seconds: int) -> str:

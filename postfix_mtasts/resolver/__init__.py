@@ -3,6 +3,7 @@ file (HTTPS). The result types here are plain values; the lookup decides."""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,22 +51,55 @@ class FailureCategory:
     WEBPKI = "sts-webpki-invalid"
 
 
+class FetchProblem:
+    """What went wrong with a fetch, for code that gives advice on it
+    (``check``); the reason says the same for people, in more detail."""
+
+    DOMAIN_NAME = "domain-name"
+    RESOLVE = "resolve"
+    CONNECT = "connect"
+    TLS_HANDSHAKE = "tls-handshake"
+    CERTIFICATE_EXPIRED = "certificate-expired"
+    CERTIFICATE_NAME = "certificate-name"
+    CERTIFICATE_UNTRUSTED = "certificate-untrusted"
+    CERTIFICATE_INVALID = "certificate-invalid"
+    REDIRECT = "redirect"
+    HTTP_STATUS = "http-status"
+    MEDIA_TYPE = "media-type"
+    CONTENT_CODING = "content-coding"
+    TOO_LARGE = "too-large"
+    CONNECTION_CLOSED = "connection-closed"
+    TIMEOUT = "timeout"
+    INVALID_POLICY = "invalid-policy"
+    OTHER = "other"
+
+
 @dataclass(frozen=True, slots=True)
 class FetchOK:
-    """A policy fetched over validated HTTPS and parsed without error."""
+    """A policy fetched over validated HTTPS and parsed without error.
+
+    ``tls_version``, ``not_after`` (the certificate's, UTC) and ``body_bytes``
+    are what the fetch saw, when the fetcher knows them; ``trace`` says it
+    all in words.
+    """
 
     policy: Policy
     text: str
     trace: tuple[str, ...] = field(default=())
+    tls_version: str = ""
+    not_after: datetime.datetime | None = None
+    body_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class FetchFailed:
-    """The fetch or the policy failed; ``reason`` is one line for the log."""
+    """The fetch or the policy failed; ``reason`` is one line for the log,
+    ``problem`` a :class:`FetchProblem` for code."""
 
     reason: str
     category: str = FailureCategory.FETCH
     trace: tuple[str, ...] = field(default=())
+    problem: str = FetchProblem.OTHER
 
 
 FetchResult = FetchOK | FetchFailed

@@ -63,7 +63,7 @@ from zope.interface import implementer
 from postfix_mtasts import __version__, limits
 from postfix_mtasts.errors import one_line
 from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
-from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchResult
+from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchProblem, FetchResult
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -126,6 +126,20 @@ VERIFY_ERRORS: dict[int, str] = {
 }
 
 
+#: OpenSSL verify errors that mean "expired" or "not from a trusted CA";
+#: every other one is FetchProblem.CERTIFICATE_INVALID.
+_VERIFY_PROBLEMS: dict[int, str] = {
+    10: FetchProblem.CERTIFICATE_EXPIRED,
+    **dict.fromkeys((2, 18, 19, 20, 21, 27), FetchProblem.CERTIFICATE_UNTRUSTED),
+}
+#: When a certificate has several problems, the one advice is given for.
+_CERTIFICATE_PROBLEM_ORDER = (
+    FetchProblem.CERTIFICATE_EXPIRED,
+    FetchProblem.CERTIFICATE_NAME,
+    FetchProblem.CERTIFICATE_UNTRUSTED,
+)
+
+
 class AddressResolver(TypingProtocol):
     """Resolves a host name to IP address strings with the daemon's own DNS."""
 
@@ -139,12 +153,20 @@ class CaFileError(ValueError):
 
 
 class _FetchError(Exception):
-    """An expected fetch failure: ``str()`` is the one-line reason."""
+    """An expected fetch failure: ``str()`` is the one-line reason, ``problem``
+    a :class:`FetchProblem`."""
 
-    def __init__(self, reason: str, category: str = FailureCategory.FETCH) -> None:
+    def __init__(
+        self, reason: str, problem: str, category: str = FailureCategory.FETCH
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.problem = problem
         self.category = category
+
+    def result(self, attempt: _Attempt) -> FetchFailed:
+        """What the fetch of ``attempt`` returns for this failure."""
+        return FetchFailed(self.reason, self.category, attempt.finish(self.reason), self.problem)
 
 
 def load_trust_root(ca_file: str) -> IOpenSSLTrustRoot:
@@ -204,22 +226,22 @@ class HttpsPolicyFetcher:
         try:
             attempt.host = policy_host(domain)
         except _FetchError as failure:
-            return FetchFailed(failure.reason, failure.category, attempt.finish(failure.reason))
+            return failure.result(attempt)
 
         work = Deferred.fromCoroutine(self._fetch(attempt))
         work.addTimeout(self._timeout, self._reactor, onTimeoutCancel=attempt.deadline_passed)
         try:
             return await work
         except _FetchError as failure:
-            return FetchFailed(failure.reason, failure.category, attempt.finish(failure.reason))
+            return failure.result(attempt)
         except Exception as unexpected:
             if any(isinstance(cause, (CancelledError, neterror.ConnectingCancelledError))
                    for cause in _causes(unexpected)):
                 # Our own deadline arrives as a _FetchError; this is the caller giving up
                 # (while connecting, Twisted says so with ConnectingCancelledError).
                 raise CancelledError() from None
-            reason, category = attempt.classify(unexpected)
-            return FetchFailed(reason, category, attempt.finish(reason))
+            reason, category, problem = attempt.classify(unexpected)
+            return FetchFailed(reason, category, attempt.finish(reason), problem)
         finally:
             await attempt.close()
 
@@ -252,12 +274,22 @@ class HttpsPolicyFetcher:
         try:
             policy = parse_policy(body)
         except PolicyError as invalid:
-            raise _FetchError(f"invalid policy: {invalid}", FailureCategory.INVALID) from None
+            raise _FetchError(
+                f"invalid policy: {invalid}", FetchProblem.INVALID_POLICY, FailureCategory.INVALID
+            ) from None
         attempt.step(
             f"policy valid: mode {policy.mode.value}, max_age {policy.max_age}, "
             f"mx {' '.join(policy.mx) or '(none)'}"
         )
-        return FetchOK(policy, body.decode("utf-8", "replace"), tuple(attempt.trace))
+        certificate = attempt.certificate
+        return FetchOK(
+            policy,
+            body.decode("utf-8", "replace"),
+            tuple(attempt.trace),
+            tls_version=attempt.tls_version,
+            not_after=None if certificate is None else certificate.not_valid_after_utc,
+            body_bytes=len(body),
+        )
 
     def _check_response(self, response: Any, attempt: _Attempt) -> None:
         """Reject anything but a 200 ``text/plain`` response without content coding."""
@@ -265,20 +297,25 @@ class HttpsPolicyFetcher:
         if response.code in REDIRECT_STATUSES:
             location = headers.getRawHeaders(b"Location")
             target = f"to {_quote(_text(location[0]))}" if location else "without a Location"
-            raise _FetchError(f"HTTP {response.code} redirect {target} (not followed)")
+            raise _FetchError(f"HTTP {response.code} redirect {target} (not followed)", FetchProblem.REDIRECT)
         if response.code != 200:
-            raise _FetchError(f"HTTP {response.code} {_quote(_text(response.phrase))}, not 200")
+            raise _FetchError(
+                f"HTTP {response.code} {_quote(_text(response.phrase))}, not 200", FetchProblem.HTTP_STATUS
+            )
 
         content_types = headers.getRawHeaders(b"Content-Type") or []
         if len(content_types) != 1:
             raise _FetchError(
-                f"{len(content_types) or 'no'} Content-Type headers, not one saying {POLICY_MEDIA_TYPE}"
+                f"{len(content_types) or 'no'} Content-Type headers, not one saying {POLICY_MEDIA_TYPE}",
+                FetchProblem.MEDIA_TYPE,
             )
         content_type = _text(content_types[0])
         attempt.step(f"Content-Type {_quote(content_type)}")
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != POLICY_MEDIA_TYPE:
-            raise _FetchError(f"media type {_quote(media_type)}, not {POLICY_MEDIA_TYPE}")
+            raise _FetchError(
+                f"media type {_quote(media_type)}, not {POLICY_MEDIA_TYPE}", FetchProblem.MEDIA_TYPE
+            )
 
         codings = [
             coding.strip().lower()
@@ -288,20 +325,25 @@ class HttpsPolicyFetcher:
         unexpected = [coding for coding in codings if coding not in IDENTITY_CODINGS]
         if unexpected:
             refused = _quote(", ".join(unexpected))
-            raise _FetchError(f"content coding {refused} refused (only gzip is accepted)")
+            raise _FetchError(
+                f"content coding {refused} refused (only gzip is accepted)", FetchProblem.CONTENT_CODING
+            )
 
         length = response.length
         if isinstance(length, int):
             attempt.step(f"Content-Length {length}")
             if length > self._body_limit:
-                raise _FetchError(f"policy body over {self._body_limit} bytes (Content-Length {length})")
+                raise _FetchError(
+                    f"policy body over {self._body_limit} bytes (Content-Length {length})",
+                    FetchProblem.TOO_LARGE,
+                )
 
 
 def policy_host(domain: str) -> str:
     """The policy host of ``domain`` as an A-label name, e.g. ``mta-sts.example.com``."""
     name = domain.strip().rstrip(".")
     if not name:
-        raise _FetchError("empty domain name")
+        raise _FetchError("empty domain name", FetchProblem.DOMAIN_NAME)
     if name.isascii():
         lowered = name.lower()
         if len(lowered) <= MAX_NAME_LENGTH and "--" not in lowered and PLAIN_NAME.fullmatch(lowered):
@@ -310,7 +352,9 @@ def policy_host(domain: str) -> str:
     try:
         ascii_name = idna.encode(name, uts46=True).decode("ascii")
     except idna.IDNAError as error:
-        raise _FetchError(f"domain {_quote(name)} is not a valid name: {error}") from None
+        raise _FetchError(
+            f"domain {_quote(name)} is not a valid name: {error}", FetchProblem.DOMAIN_NAME
+        ) from None
     return POLICY_HOST_PREFIX + ascii_name.lower()
 
 
@@ -326,8 +370,12 @@ class _Attempt:
         self.stage = "resolving the policy host"
         self.peer = ""
         self.tls_connection: SSL.Connection | None = None
-        #: Why certificate validation failed, in the order found.
+        #: Why certificate validation failed, in the order found: in words,
+        #: and as FetchProblem codes.
         self.certificate_problems: list[str] = []
+        self.certificate_kinds: list[str] = []
+        #: The negotiated TLS version, once the handshake is done.
+        self.tls_version = ""
         self.certificate: x509.Certificate | None = None
         self.connection: _PolicyHostConnection | None = None
 
@@ -341,7 +389,9 @@ class _Attempt:
 
     def deadline_passed(self, result: object, timeout: float) -> Failure:
         """``addTimeout``'s verdict when the deadline cancelled the fetch, whatever it was doing."""
-        timed_out = _FetchError(f"no answer within {timeout}s (while {self.current_stage()})")
+        timed_out = _FetchError(
+            f"no answer within {timeout}s (while {self.current_stage()})", FetchProblem.TIMEOUT
+        )
         return Failure(timed_out)  # type: ignore[no-untyped-call]
 
     def current_stage(self) -> str:
@@ -358,7 +408,8 @@ class _Attempt:
         connection = self.tls_connection
         if connection is None:
             return
-        self.step(f"TLS {connection.get_protocol_version_name()}, {connection.get_cipher_name()}")
+        self.tls_version = connection.get_protocol_version_name()
+        self.step(f"TLS {self.tls_version}, {connection.get_cipher_name()}")
         self._note_certificate()
         self.step(f"certificate valid for {self.host}")
 
@@ -368,24 +419,37 @@ class _Attempt:
         if self.certificate is not None:
             self.step(describe_certificate(self.certificate))
 
-    def classify(self, problem: BaseException) -> tuple[str, str]:
-        """A one-line reason and a TLSRPT category for an exception out of the HTTP client."""
+    def classify(self, problem: BaseException) -> tuple[str, str, str]:
+        """A one-line reason, a TLSRPT category and a FetchProblem for an
+        exception out of the HTTP client."""
         causes = _causes(problem)
         where = self.peer or self.host
         if self.certificate_problems:
             self._note_certificate()
-            return "; ".join(self.certificate_problems), FailureCategory.WEBPKI
+            kinds = self.certificate_kinds
+            kind = next(
+                (k for k in _CERTIFICATE_PROBLEM_ORDER if k in kinds), FetchProblem.CERTIFICATE_INVALID
+            )
+            return "; ".join(self.certificate_problems), FailureCategory.WEBPKI, kind
         for cause in causes:
             if isinstance(cause, SSL.Error):
                 reason = ssl_reason(cause)
                 if any(hint in reason for hint in VERSION_MISMATCH_HINTS):
                     reason += " (TLS 1.2 or later required)"
-                return f"TLS handshake with {where} failed: {reason}", FailureCategory.FETCH
+                return (
+                    f"TLS handshake with {where} failed: {reason}",
+                    FailureCategory.FETCH,
+                    FetchProblem.TLS_HANDSHAKE,
+                )
         for cause in causes:
             if isinstance(cause, neterror.ConnectionDone | neterror.ConnectionLost):
-                return f"connection closed by {where} before a complete response", FailureCategory.FETCH
+                return (
+                    f"connection closed by {where} before a complete response",
+                    FailureCategory.FETCH,
+                    FetchProblem.CONNECTION_CLOSED,
+                )
         detail = "; ".join(one_line(cause) for cause in causes[1:]) or one_line(problem)
-        return f"fetch from {where} failed: {detail}", FailureCategory.FETCH
+        return f"fetch from {where} failed: {detail}", FailureCategory.FETCH, FetchProblem.OTHER
 
     def abort(self) -> None:
         """Drop the connection at once (TCP level), if there is one."""
@@ -466,6 +530,7 @@ def _verify_policy_host(
         if not ok:
             problem = VERIFY_ERRORS.get(error, f"certificate not accepted (OpenSSL verify error {error})")
             attempt.certificate_problems.append(problem + (f" (chain depth {depth})" if depth else ""))
+            attempt.certificate_kinds.append(_VERIFY_PROBLEMS.get(error, FetchProblem.CERTIFICATE_INVALID))
             return False
         if leaf is None:
             return True
@@ -473,10 +538,12 @@ def _verify_policy_host(
             verify_certificate_hostname(leaf, attempt.host)
         except (VerificationError, CertificateError):
             attempt.certificate_problems.append(f"certificate not valid for {attempt.host}")
+            attempt.certificate_kinds.append(FetchProblem.CERTIFICATE_NAME)
             return False
         return True
     except Exception as unexpected:
         attempt.certificate_problems.append(f"certificate check failed: {one_line(unexpected)}")
+        attempt.certificate_kinds.append(FetchProblem.CERTIFICATE_INVALID)
         return False
 
 
@@ -513,10 +580,10 @@ class _PolicyHostEndpoint:
         except CancelledError:
             raise
         except Exception as error:
-            raise _FetchError(f"cannot resolve {host}: {one_line(error)}") from None
+            raise _FetchError(f"cannot resolve {host}: {one_line(error)}", FetchProblem.RESOLVE) from None
         addresses = [address for address in found if _is_ip(address)]
         if not addresses:
-            raise _FetchError(f"{host} has no usable address")
+            raise _FetchError(f"{host} has no usable address", FetchProblem.RESOLVE)
         attempt.step(f"resolved {host}: {' '.join(addresses)}")
 
         creator = cast(IOpenSSLClientConnectionCreator, self._tls)
@@ -542,7 +609,7 @@ class _PolicyHostEndpoint:
             # The Agent wants its own protocol back, from under our TLS.
             http_protocol: IProtocol = connection.wrappedProtocol
             return http_protocol
-        raise _FetchError("; ".join(problems))
+        raise _FetchError("; ".join(problems), FetchProblem.CONNECT)
 
 
 class _PolicyHostConnection(TLSMemoryBIOProtocol):
@@ -650,7 +717,7 @@ class _BodyReader(Protocol):
         if self._received > self._limit:
             self._chunks.clear()
             self._attempt.abort()
-            self.done.errback(_FetchError(f"policy body over {self._limit} bytes"))
+            self.done.errback(_FetchError(f"policy body over {self._limit} bytes", FetchProblem.TOO_LARGE))
             return
         self._chunks.append(data)
 
@@ -667,7 +734,10 @@ class _BodyReader(Protocol):
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(
-                _FetchError(f"connection to {self._attempt.peer} lost after {self._received} body bytes")
+                _FetchError(
+                    f"connection to {self._attempt.peer} lost after {self._received} body bytes",
+                    FetchProblem.CONNECTION_CLOSED,
+                )
             )
 
 
@@ -767,17 +837,19 @@ class _BoundedGunzip(Protocol):
         pending = data
         while pending and not self._refused:
             if inflater.eof:
-                self._refuse("gzip body goes on after the end of its gzip stream")
+                self._refuse(
+                    "gzip body goes on after the end of its gzip stream", FetchProblem.CONTENT_CODING
+                )
                 return
             room = self._limit + 1 - self._produced  # at least 1: a max_length of 0 would mean "all"
             try:
                 decoded = inflater.decompress(pending, room)
             except zlib.error as error:
-                self._refuse(f"gzip body is corrupt: {one_line(error)}")
+                self._refuse(f"gzip body is corrupt: {one_line(error)}", FetchProblem.CONTENT_CODING)
                 return
             self._produced += len(decoded)
             if self._produced > self._limit:
-                self._refuse(f"policy body over {self._limit} bytes")
+                self._refuse(f"policy body over {self._limit} bytes", FetchProblem.TOO_LARGE)
                 return
             if decoded:
                 self._body.dataReceived(decoded)
@@ -789,14 +861,14 @@ class _BoundedGunzip(Protocol):
             return
         ended = reason.check(ResponseDone, PotentialDataLoss)  # type: ignore[no-untyped-call]
         if ended and not self._inflater.eof:
-            self._refuse("gzip body ends before its gzip stream does")
+            self._refuse("gzip body ends before its gzip stream does", FetchProblem.CONTENT_CODING)
             return
         self._body.connectionLost(reason)
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, reason: str, problem: str) -> None:
         self._refused = True
         self._abort()
-        self._body.connectionLost(Failure(_FetchError(reason)))  # type: ignore[no-untyped-call]
+        self._body.connectionLost(Failure(_FetchError(reason, problem)))  # type: ignore[no-untyped-call]
 
 
 def _connect_problem(error: neterror.ConnectError, peer: str) -> str:
