@@ -172,9 +172,11 @@ async def test_request_headers(server: HostileHttpsServer) -> None:
     assert headers["host"] == [f"{HOST}:{server.port}"]
 
 
+@pytest.mark.parametrize("coding", ["gzip", "GZip", "x-gzip", " X-GZIP "])
 @pytest_twisted.ensureDeferred
-async def test_gzip_body_is_decoded(server: HostileHttpsServer) -> None:
-    server.set_host(HOST, Serve(gzip.compress(POLICY), headers=(("Content-Encoding", "gzip"),)))
+async def test_gzip_body_is_decoded(server: HostileHttpsServer, coding: str) -> None:
+    # Content codings are case-insensitive and x-gzip is gzip (RFC 9110 §8.4.1).
+    server.set_host(HOST, Serve(gzip.compress(POLICY), headers=(("Content-Encoding", coding),)))
 
     result = await fetcher_for(server).fetch(DOMAIN)
 
@@ -435,7 +437,9 @@ class CannedAgent:
         (" gzip , gzip", 2, None),
         ("br, gzip", 1, b"br"),
         ("gzip, br", 0, b"gzip,br"),
-        ("GZIP", 0, b"GZIP"),
+        ("GZIP", 1, None),
+        ("x-gzip, GZip", 2, None),
+        ("x-compress, x-gzip", 1, b"x-compress"),
     ],
 )
 @pytest_twisted.ensureDeferred

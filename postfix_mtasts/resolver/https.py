@@ -85,8 +85,9 @@ USER_AGENT = f"postfix-mtasts/{__version__}"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Content codings that mean "no coding at all".
 IDENTITY_CODINGS = frozenset({"", "identity"})
-#: The one content coding we undo, spelt as treq's decoder matches it (exactly, once stripped).
-GZIP_CODING = b"gzip"
+#: The one content coding we undo, in its spellings: content codings are
+#: case-insensitive, and "x-gzip" is to be taken for "gzip" (RFC 9110 §8.4.1).
+GZIP_CODINGS = frozenset({b"gzip", b"x-gzip"})
 #: zlib's window bits for a gzip stream (header and CRC trailer) with the largest window.
 GZIP_WBITS = 16 + zlib.MAX_WBITS
 #: The stage from TCP connect to response headers (see _Attempt.current_stage).
@@ -752,9 +753,10 @@ class _BoundedGzipAgent:
     """Takes the trailing gzip codings off each response and undoes them within the body cap.
 
     Goes under treq's ``ContentDecoderAgent`` (which still sends ``Accept-Encoding:
-    gzip``): it takes off the same codings that one would, the trailing run of
-    ``gzip`` ones, so that decoder finds none left to inflate unbounded. The
-    codings before that run stay in the header, where the fetcher refuses them.
+    gzip``): it takes off the trailing run of ``gzip`` codings, in any case and
+    spelt ``x-gzip`` too, which that decoder would leave alone or inflate
+    unbounded. The codings before that run stay in the header, where the
+    fetcher refuses them.
     """
 
     def __init__(self, agent: IAgent, limit: int, abort: Callable[[], None]) -> None:
@@ -778,7 +780,7 @@ class _BoundedGzipAgent:
             return response
         codings = b",".join(values).split(b",")
         layers = 0
-        while codings and codings[-1].strip() == GZIP_CODING:
+        while codings and codings[-1].strip().lower() in GZIP_CODINGS:
             codings.pop()
             layers += 1
         if not layers:
