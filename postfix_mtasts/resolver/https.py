@@ -157,9 +157,7 @@ class _FetchError(Exception):
     """An expected fetch failure: ``str()`` is the one-line reason, ``problem``
     a :class:`FetchProblem`."""
 
-    def __init__(
-        self, reason: str, problem: str, category: str = FailureCategory.FETCH
-    ) -> None:
+    def __init__(self, reason: str, problem: str, category: str = FailureCategory.FETCH) -> None:
         super().__init__(reason)
         self.reason = reason
         self.problem = problem
