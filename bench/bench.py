@@ -56,8 +56,9 @@ FLOOR_RAW_PORT = 8466
 TRIVIAL_PORT = 8499
 #: Seconds a daemon may take to accept connections before the run gives up.
 READY_LIMIT = 120.0
-#: Seconds bench/hotpath.py may take.
+#: Seconds bench/hotpath.py and bench/coldpath.py may take.
 HOTPATH_LIMIT = 120.0
+COLDPATH_LIMIT = 300.0
 #: What the daemon logs once its in-memory front holds the whole cache.
 WARM_LINE = "entries loaded into memory"
 #: Seconds the RSS is left to settle after the first answer.
@@ -644,6 +645,35 @@ def hotpath(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def coldpath(world: World, args: argparse.Namespace) -> dict[str, Any]:
+    """bench/coldpath.py: CPU per TXT query, address lookup and fetch in-process,
+    against the world, on the servers' CPU."""
+    command = [
+        VENV_PYTHON,
+        os.path.join(BENCH, "coldpath.py"),
+        "--ca-file",
+        world.ca_file,
+        "--https-port",
+        str(world.https_port),
+        "--count",
+        str(min(args.policies, 300 if args.quick else 1000)),
+    ]
+    if world.dns_port != 53:
+        command += ["--nameserver", f"127.0.0.1:{world.dns_port}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    pin(process.pid, SERVER_CPU)
+    try:
+        out, err = process.communicate(timeout=COLDPATH_LIMIT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return {"skipped": f"bench/coldpath.py did not finish in {COLDPATH_LIMIT:g}s"}
+    if process.returncode != 0:
+        return {"skipped": err.strip()[-300:]}
+    doc: dict[str, Any] = json.loads(out.splitlines()[0])
+    return doc
+
+
 # --- the report ----------------------------------------------------------------
 
 
@@ -723,6 +753,21 @@ def report(results: dict[str, Any]) -> str:
         "",
     )
     row("  latency p50/p99/p99.9 ms", lat(ours, "cold_fill"), lat(peer, "cold_fill"), "", "")
+
+    def cpu_ms(doc: dict[str, Any]) -> str:
+        per_cpu_s = get(doc, "cold_fill", "lookups_per_cpu_s")
+        return "-" if not per_cpu_s else f"{1000 / per_cpu_s:.2f}"
+
+    row("  server CPU per domain, ms", cpu_ms(ours), cpu_ms(peer), "", "")
+    cold = results.get("coldpath", {})
+    if "fetch" in cold:
+        for part, label, note in (
+            ("txt", "  in-process CPU, us: TXT query", "bench/coldpath.py (dnspython)"),
+            ("addresses", "    policy host addresses", f"({cold['addresses_from']})"),
+            ("fetch", "    policy fetch (TCP, TLS, HTTP, parse)", "(treq, pyOpenSSL)"),
+            ("treq", "    plain treq.get of the same URL", "(for comparison)"),
+        ):
+            row(label, cold[part]["cpu_us"], "", "", note)
 
     w_ours, w_peer = get(ours, "warm_hits", "lookups_per_s"), get(peer, "warm_hits", "lookups_per_s")
     w_floor = floor.get("asyncio", {}).get("lookups_per_s")
@@ -935,6 +980,8 @@ def inside(args: argparse.Namespace) -> int:
         results["memory"] = run_memory(world, work, args)
         log("in-process CPU per warm hit (bench/hotpath.py)")
         results["hotpath"] = hotpath(args)
+        log("in-process CPU per part of a cold lookup (bench/coldpath.py)")
+        results["coldpath"] = coldpath(world, args)
         if args.profile:
             log(f"memory profile (tracemalloc) at {args.memory_profile_count:,} entries")
             results["memory_profile"] = profile_memory(work, args.memory_profile_count)
