@@ -34,6 +34,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
+import inprocess  # noqa: E402
 import world as world_module  # noqa: E402
 
 #: Operations in flight at once, as in the benchmark's cold fill.
@@ -87,11 +88,12 @@ async def measure(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     dns, fetcher = build_resolvers(reactor, config)
     addresses: Any = fetcher._addresses  # what a fetch resolves the policy host with
     domains = [world_module.policy_domain(i) for i in range(args.count)]
-    policy = BrowserLikePolicyForHTTPS(trustRoot=load_trust_root(args.ca_file))
+    policy = BrowserLikePolicyForHTTPS(trustRoot=load_trust_root(args.ca_file))  # type: ignore[no-untyped-call]
     port = "" if args.https_port == 443 else f":{args.https_port}"
 
     async def plain_treq(domain: str) -> bytes:
-        agent = Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor, persistent=False))
+        pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+        agent = Agent(reactor, contextFactory=policy, pool=pool)  # type: ignore[no-untyped-call]
         response = await treq.get(f"https://mta-sts.{domain}{port}/.well-known/mta-sts.txt", agent=agent)
         body: bytes = await response.content()
         return body
@@ -119,27 +121,11 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=1000, help="policy domains per operation")
     parser.add_argument("--rounds", type=int, default=2, help="the best round is kept")
     args = parser.parse_args()
-    from twisted.internet import epollreactor
-
-    epollreactor.install()  # type: ignore[no-untyped-call]
-    from twisted.internet import reactor as global_reactor
-    from twisted.internet.defer import Deferred
-
-    reactor: Any = global_reactor
-    outcome: dict[str, Any] = {}
-
-    def start() -> None:
-        d = Deferred.fromCoroutine(measure(reactor, args))
-        d.addCallback(outcome.update)
-        d.addErrback(lambda f: outcome.setdefault("error", f.getTraceback()))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if "error" in outcome:
-        print(f"coldpath: {outcome['error']}", file=sys.stderr)
+    figures, failure = inprocess.run("epoll", lambda reactor: measure(reactor, args))
+    if failure is not None:
+        print(f"coldpath: {failure.getTraceback()}", file=sys.stderr)
         return 1
-    print(json.dumps(outcome))
+    print(json.dumps(figures))
     return 0
 
 

@@ -13,7 +13,6 @@ the functions that dominate ours (cProfile).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import io
 import json
@@ -30,6 +29,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
+import inprocess  # noqa: E402
 from fill_cache import cached_domain  # noqa: E402
 from floor import REPLY  # noqa: E402
 from loadgen import encode  # noqa: E402
@@ -172,28 +172,11 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18462)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    from twisted.internet import asyncioreactor
-
-    asyncioreactor.install(asyncio.new_event_loop())  # type: ignore[no-untyped-call]
-    from twisted.internet import reactor as global_reactor
-
-    reactor: Any = global_reactor
-    from twisted.internet.defer import Deferred
-
-    outcome: dict[str, Any] = {}
     work = tempfile.mkdtemp(prefix="mtasts-hotpath-")
-
-    def start() -> None:
-        d = Deferred.fromCoroutine(measure(reactor, args, work))
-        d.addCallback(outcome.update)
-        d.addErrback(lambda f: outcome.setdefault("error", f.getTraceback()))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(reactor.callLater, 0, start)
-    reactor.run()
+    outcome, failure = inprocess.run("asyncio", lambda reactor: measure(reactor, args, work))
     subprocess.run(["rm", "-rf", work], check=False)
-    if "error" in outcome:
-        print(f"hotpath: {outcome['error']}", file=sys.stderr)
+    if failure is not None:
+        print(f"hotpath: {failure.getTraceback()}", file=sys.stderr)
         return 1
     profile = outcome.pop("profile", None)
     print(json.dumps(outcome))

@@ -10,18 +10,19 @@ and prints, as JSON, the bytes per entry each allocation site still holds.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import sys
 import tracemalloc
 from typing import Any
 
+import inprocess
+
 #: Allocation sites listed.
 TOP = 15
 
 
-async def measure(reactor: object, path: str, count: int) -> dict[str, object]:
+async def measure(reactor: object, path: str, count: int) -> dict[str, Any]:
     from postfix_mtasts.cache.sqlite import SqliteStore
     from postfix_mtasts.config import parse_config
     from postfix_mtasts.service import build_lookup
@@ -52,29 +53,12 @@ async def measure(reactor: object, path: str, count: int) -> dict[str, object]:
 
 def main() -> int:
     path, count = sys.argv[1], int(sys.argv[2])
-    from twisted.internet import asyncioreactor
-
-    asyncioreactor.install(asyncio.new_event_loop())  # type: ignore[no-untyped-call]
-    from twisted.internet import reactor as global_reactor
-
-    reactor: Any = global_reactor
-    from twisted.internet.defer import Deferred
-
     tracemalloc.start(1)
-    outcome: dict[str, object] = {}
-
-    def start() -> None:
-        d = Deferred.fromCoroutine(measure(reactor, path, count))
-        d.addCallback(lambda doc: outcome.update(doc))
-        d.addErrback(lambda f: outcome.setdefault("error", f.getErrorMessage()))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(reactor.callLater, 0, start)
-    reactor.run()
-    if "error" in outcome:
-        print(f"memtrace: {outcome['error']}", file=sys.stderr)
+    figures, failure = inprocess.run("asyncio", lambda reactor: measure(reactor, path, count))
+    if failure is not None:
+        print(f"memtrace: {failure.getErrorMessage()}", file=sys.stderr)
         return 1
-    print(json.dumps(outcome))
+    print(json.dumps(figures))
     return 0
 
 
