@@ -429,20 +429,35 @@ def test_failing_refresh_is_retried_only_after_the_backoff() -> None:
     assert w.lookup.answer_now(DOMAIN, False) == OK1  # still in force meanwhile
 
 
-def test_refresh_runs_at_most_refresh_concurrency_fetches_at_once() -> None:
+def cached_policies(count: int, refresh_concurrency: int) -> tuple[World, list[str]]:
+    """A started world with ``count`` domains' policies cached, all due for
+    refresh at the same time, at most ``refresh_concurrency`` refreshed at once."""
     w = make_world(
-        recheck_interval=NEVER, refresh_concurrency=3, refresh_scan_interval=60, refresh_jitter=0
+        recheck_interval=NEVER,
+        refresh_concurrency=refresh_concurrency,
+        refresh_scan_interval=60,
+        refresh_jitter=0,
     )
     w.start()
-    domains = [f"d{i}.example" for i in range(10)]
+    domains = [f"d{i}.example" for i in range(count)]
     for domain in domains:
         publish(w, P1, domain=domain)
         assert w.answer(domain) == OK1
-    held = {domain: w.https.hold(domain) for domain in domains}
+    return w, domains
+
+
+def advance_until_refreshing(w: World, domains: list[str]) -> None:
+    """Time passes, the domains in use, until a refresh fetch is in flight."""
     while w.https.in_flight == 0 and w.clock.seconds() < T0 + 700:
         w.clock.advance(1)
         for domain in domains:
             w.lookup.answer_now(domain, False)
+
+
+def test_refresh_runs_at_most_refresh_concurrency_fetches_at_once() -> None:
+    w, domains = cached_policies(10, refresh_concurrency=3)
+    held = {domain: w.https.hold(domain) for domain in domains}
+    advance_until_refreshing(w, domains)
     assert w.https.in_flight == 3
     assert w.lookup.stats.refresh_queue == 10  # all due at once, 3 running
     started = [d for d in domains if w.https.calls[d] == 2]
@@ -461,21 +476,11 @@ def test_refresh_runs_at_most_refresh_concurrency_fetches_at_once() -> None:
 
 def test_a_new_refresh_concurrency_applies_to_the_next_refreshes() -> None:
     """A reload replaces the settings; refreshes queued after it use the new bound."""
-    w = make_world(
-        recheck_interval=NEVER, refresh_concurrency=1, refresh_scan_interval=60, refresh_jitter=0
-    )
-    w.start()
-    domains = [f"d{i}.example" for i in range(6)]
-    for domain in domains:
-        publish(w, P1, domain=domain)
-        assert w.answer(domain) == OK1
+    w, domains = cached_policies(6, refresh_concurrency=1)
     w.lookup.settings = replace(w.lookup.settings, refresh_concurrency=4)
     for domain in domains:
         w.https.hold(domain)
-    while w.https.in_flight == 0 and w.clock.seconds() < T0 + 700:
-        w.clock.advance(1)
-        for domain in domains:
-            w.lookup.answer_now(domain, False)
+    advance_until_refreshing(w, domains)
     assert w.https.in_flight == 4
 
 

@@ -126,6 +126,13 @@ def start(work: Any) -> Deferred[Any]:
     return Deferred.fromCoroutine(cancellable(work))
 
 
+async def connect_stream(reactor: Any, port: int) -> Any:
+    """A TCP socket of the backend on ``reactor``, connected to 127.0.0.1:``port``."""
+    return await TwistedBackend(reactor).make_socket(
+        socket.AF_INET, socket.SOCK_STREAM, destination=("127.0.0.1", port), timeout=PATIENT
+    )
+
+
 async def next_turn() -> None:
     turn: Deferred[None] = Deferred()
     reactor.callLater(0.01, turn.callback, None)
@@ -320,15 +327,7 @@ async def test_stream_recv_returns_what_has_arrived_without_waiting_for_more(
 ) -> None:
     listening = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
     try:
-        backend = TwistedBackend(recording)
-        stream = await start(
-            backend.make_socket(
-                socket.AF_INET,
-                socket.SOCK_STREAM,
-                destination=("127.0.0.1", listening.getHost().port),
-                timeout=PATIENT,
-            )
-        )
+        stream = await start(connect_stream(recording, listening.getHost().port))
         await start(stream.sendall(b"hello", PATIENT))
         # The echo stays open: a recv that waited for 100 bytes or EOF would time out.
         received = b""
@@ -348,14 +347,7 @@ async def test_stream_recv_returns_what_has_arrived_without_waiting_for_more(
 async def test_stream_recv_takes_at_most_size_bytes_then_empty_at_eof(recording: RecordingReactor) -> None:
     listening = reactor.listenTCP(0, Factory.forProtocol(SpeakThenHangUp), interface="127.0.0.1")
     try:
-        stream = await start(
-            TwistedBackend(recording).make_socket(
-                socket.AF_INET,
-                socket.SOCK_STREAM,
-                destination=("127.0.0.1", listening.getHost().port),
-                timeout=PATIENT,
-            )
-        )
+        stream = await start(connect_stream(recording, listening.getHost().port))
         chunks = []
         while chunk := await start(stream.recv(4, PATIENT)):
             chunks.append(chunk)
@@ -374,11 +366,7 @@ async def test_tcp_connect_refused_is_an_error_not_a_hang(recording: RecordingRe
     port = listening.getHost().port
     await listening.stopListening()
     with pytest.raises(Exception, match="refused"):
-        await start(
-            TwistedBackend(recording).make_socket(
-                socket.AF_INET, socket.SOCK_STREAM, destination=("127.0.0.1", port), timeout=PATIENT
-            )
-        )
+        await start(connect_stream(recording, port))
     assert not recording.inodes() & open_sockets()
 
 
