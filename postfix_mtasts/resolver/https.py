@@ -369,10 +369,9 @@ class _Attempt:
         self.stage = "resolving the policy host"
         self.peer = ""
         self.tls_connection: SSL.Connection | None = None
-        #: Why certificate validation failed, in the order found: in words,
-        #: and as FetchProblem codes.
-        self.certificate_problems: list[str] = []
-        self.certificate_kinds: list[str] = []
+        #: Why certificate validation failed, in the order found: each in
+        #: words and as a FetchProblem code.
+        self.certificate_problems: list[tuple[str, str]] = []
         #: The negotiated TLS version, once the handshake is done.
         self.tls_version = ""
         self.certificate: x509.Certificate | None = None
@@ -425,11 +424,12 @@ class _Attempt:
         where = self.peer or self.host
         if self.certificate_problems:
             self._note_certificate()
-            kinds = self.certificate_kinds
+            kinds = {kind for _, kind in self.certificate_problems}
             kind = next(
                 (k for k in _CERTIFICATE_PROBLEM_ORDER if k in kinds), FetchProblem.CERTIFICATE_INVALID
             )
-            return "; ".join(self.certificate_problems), FailureCategory.WEBPKI, kind
+            reason = "; ".join(text for text, _ in self.certificate_problems)
+            return reason, FailureCategory.WEBPKI, kind
         for cause in causes:
             if isinstance(cause, SSL.Error):
                 reason = ssl_reason(cause)
@@ -528,21 +528,25 @@ def _verify_policy_host(
             attempt.certificate = leaf
         if not ok:
             problem = VERIFY_ERRORS.get(error, f"certificate not accepted (OpenSSL verify error {error})")
-            attempt.certificate_problems.append(problem + (f" (chain depth {depth})" if depth else ""))
-            attempt.certificate_kinds.append(_VERIFY_PROBLEMS.get(error, FetchProblem.CERTIFICATE_INVALID))
+            attempt.certificate_problems.append((
+                problem + (f" (chain depth {depth})" if depth else ""),
+                _VERIFY_PROBLEMS.get(error, FetchProblem.CERTIFICATE_INVALID),
+            ))
             return False
         if leaf is None:
             return True
         try:
             verify_certificate_hostname(leaf, attempt.host)
         except (VerificationError, CertificateError):
-            attempt.certificate_problems.append(f"certificate not valid for {attempt.host}")
-            attempt.certificate_kinds.append(FetchProblem.CERTIFICATE_NAME)
+            attempt.certificate_problems.append(
+                (f"certificate not valid for {attempt.host}", FetchProblem.CERTIFICATE_NAME)
+            )
             return False
         return True
     except Exception as unexpected:
-        attempt.certificate_problems.append(f"certificate check failed: {one_line(unexpected)}")
-        attempt.certificate_kinds.append(FetchProblem.CERTIFICATE_INVALID)
+        attempt.certificate_problems.append(
+            (f"certificate check failed: {one_line(unexpected)}", FetchProblem.CERTIFICATE_INVALID)
+        )
         return False
 
 
