@@ -129,6 +129,20 @@ async def fetch_failed(fetcher: HttpsPolicyFetcher, domain: str = DOMAIN) -> Fet
 
 
 @pytest_twisted.ensureDeferred
+async def test_key_exchange_is_classical_x25519(server: HostileHttpsServer) -> None:
+    """The policy is public, so no post-quantum key share is generated (it costs a
+    fifth of the handshake): X25519 is used even with a server that offers the
+    hybrid group, which OpenSSL 3.5+ would otherwise pick."""
+    server.set_host(HOST, Serve(POLICY))
+
+    result = await fetcher_for(server).fetch(DOMAIN)
+
+    assert isinstance(result, FetchOK), result
+    tls_line = next(line for line in result.trace if line.startswith("TLS "))
+    assert tls_line.lower().endswith(", x25519"), tls_line
+
+
+@pytest_twisted.ensureDeferred
 async def test_good_policy_is_fetched_parsed_and_traced(server: HostileHttpsServer) -> None:
     server.set_host(HOST, Serve(POLICY))
     resolver = LoopbackResolver()

@@ -79,6 +79,15 @@ POLICY_MEDIA_TYPE = "text/plain"
 CONNECT_ATTEMPT_TIMEOUT = 10.0
 #: The lowest TLS version a policy host may use (RFC 8461 §3.3 asks for TLS 1.2+).
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
+#: Key exchange groups offered to policy hosts, the first with a key share.
+#: OpenSSL 3.5 and later also offer, with a second key share, the hybrid
+#: X25519MLKEM768, whose key generation adds about a fifth to a fetch's
+#: handshake. A policy is public: what TLS protects here is its authenticity,
+#: which rests on the certificate's signatures, not on the key exchange; there
+#: is no secret for a post-quantum exchange to keep. Every TLS 1.3 server must
+#: support secp256r1 (RFC 8446 §9.1); the ECDSA curves stay for TLS 1.2
+#: servers, whose certificates must be on a curve offered here.
+KEY_EXCHANGE_GROUPS = b"X25519:P-256:P-384:P-521:X448"
 #: How we introduce ourselves to policy hosts.
 USER_AGENT = f"postfix-mtasts/{__version__}"
 #: HTTP status codes that announce a redirect.
@@ -215,6 +224,7 @@ class HttpsPolicyFetcher:
         options = CertificateOptions(trustRoot=load_trust_root(ca_file), raiseMinimumTo=MINIMUM_TLS_VERSION)
         self._tls_context: SSL.Context = options.getContext()
         self._tls_context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_policy_host)
+        offer_groups(self._tls_context, KEY_EXCHANGE_GROUPS)
         self._timeout = timeout
         self._port = port
         self._body_limit = body_limit
@@ -407,7 +417,8 @@ class _Attempt:
         if connection is None:
             return
         self.tls_version = connection.get_protocol_version_name()
-        self.step(f"TLS {self.tls_version}, {connection.get_cipher_name()}")
+        group = _group_name(connection)
+        self.step(f"TLS {self.tls_version}, {connection.get_cipher_name()}{f', {group}' if group else ''}")
         self._note_certificate()
         self.step(f"certificate valid for {self.host}")
 
@@ -461,6 +472,23 @@ class _Attempt:
         if connection is not None:
             connection.abort()
             await connection.closed()
+
+
+def offer_groups(context: SSL.Context, groups: bytes) -> bool:
+    """Offer only ``groups`` (OpenSSL's list syntax) for the key exchange.
+
+    pyOpenSSL has no public call for a list of groups (``set_tmp_ecdh`` takes
+    one curve), so this uses the OpenSSL binding under it. Where that binding
+    or OpenSSL refuses, the context keeps OpenSSL's defaults, which are just
+    as safe, only slower: returns whether the list was taken.
+    """
+    from OpenSSL import _util
+
+    set_groups = getattr(_util.lib, "SSL_CTX_set1_curves_list", None)
+    raw = getattr(context, "_context", None)
+    if set_groups is None or raw is None:
+        return False
+    return bool(set_groups(raw, groups) == 1)
 
 
 def describe_certificate(certificate: x509.Certificate) -> str:
@@ -873,6 +901,14 @@ class _BoundedGunzip(Protocol):
         self._refused = True
         self._abort()
         self._body.connectionLost(Failure(_FetchError(reason, problem)))  # type: ignore[no-untyped-call]
+
+
+def _group_name(connection: SSL.Connection) -> str | None:
+    """The negotiated key exchange group, where pyOpenSSL and OpenSSL can tell."""
+    try:
+        return connection.get_group_name()
+    except (AttributeError, NotImplementedError):  # pyOpenSSL < 25 / OpenSSL < 3.2
+        return None
 
 
 def _connect_problem(error: neterror.ConnectError, peer: str) -> str:
