@@ -334,6 +334,7 @@ class PolicyLookup:
     async def _lookup_slow(self, domain: str, enforce_testing: bool | AnswerOptions) -> Answer:
         now = self.reactor.seconds()
         entry = self.front.get(domain)
+        stored: CacheEntry | None = None
         if entry is None or not entry.in_force(now):
             stored = await self._store_get(domain)
             # A resolution may have put a newer entry in memory meanwhile.
@@ -361,7 +362,8 @@ class PolicyLookup:
                     pass  # logged in _resolve_shared; the cached entry stands
             return self._entry_answer(entry, enforce_testing)
         self.stats.misses += 1
-        shared = self._resolve_shared(domain)
+        # The store was read just above: the resolution starts from what it said.
+        shared = self._resolve_shared(domain, stored=stored, store_read=True)
         left = self._time_left(domain, self.settings.first_lookup_deadline)
         try:
             resolution = await self._wait(shared, left)
@@ -416,8 +418,18 @@ class PolicyLookup:
         """Resolve ``domain`` now, fetching the policy even if the id is known."""
         return await self._wait(self._resolve_shared(domain, force_fetch=True), None)
 
-    def _resolve_shared(self, domain: str, force_fetch: bool = False) -> Deferred[Any]:
+    def _resolve_shared(
+        self,
+        domain: str,
+        force_fetch: bool = False,
+        *,
+        stored: CacheEntry | None = None,
+        store_read: bool = False,
+    ) -> Deferred[Any]:
         """One resolution per domain at a time; every caller shares its result.
+
+        A caller that has just read the store (``store_read``) passes what it
+        found (``stored``), so that a new resolution does not read it again.
 
         The returned Deferred never fails: an unexpected error arrives as a
         :class:`Failure` *value*, which :meth:`_wait` turns back into an
@@ -427,7 +439,7 @@ class PolicyLookup:
         if d is not None:
             return d
         since = self.reactor.seconds()
-        d = Deferred.fromCoroutine(self._resolve_and_keep(domain, force_fetch))
+        d = Deferred.fromCoroutine(self._resolve_and_keep(domain, force_fetch, stored, store_read))
 
         def done(result: Any) -> Any:
             self._inflight.pop(domain, None)
@@ -446,10 +458,12 @@ class PolicyLookup:
             self._inflight_since[domain] = since
         return d
 
-    async def _resolve_and_keep(self, domain: str, force_fetch: bool) -> Resolution:
+    async def _resolve_and_keep(
+        self, domain: str, force_fetch: bool, stored: CacheEntry | None = None, store_read: bool = False
+    ) -> Resolution:
         previous = self.front.peek(domain)
         if previous is None:
-            previous = await self._store_get(domain)
+            previous = stored if store_read else await self._store_get(domain)
         resolution = await self._resolve(domain, previous, force_fetch)
         entry = resolution.entry
         if domain in self._flushed_in_flight:

@@ -632,6 +632,26 @@ def test_replacing_policy_is_stored_before_it_is_answered() -> None:
     assert stored is not None and stored.policy == P2
 
 
+def test_first_lookup_reads_the_store_once_and_resolves_from_what_it_found() -> None:
+    w = make_world(recheck_interval=NEVER)
+    publish(w, P1, policy_id="2")
+    # Stored by an earlier run: policy 1 has expired, and id 2 failed to fetch
+    # and may not be retried yet.
+    expired = replace(
+        stored_entry(DOMAIN, P1, fetched_offset=-2000, checked_offset=-10),
+        failed_id="2", retry_at=T0 + 50, failure="connection refused",
+    )
+    assert not expired.in_force(T0)
+    result_of(run(w.store.put(expired)))
+
+    assert w.answer().kind is AnswerKind.NOTFOUND
+    assert w.store.calls["get"] == 1
+    assert w.https.total == 0  # the stored backoff was honoured, not forgotten
+
+    w.answer("other.example")
+    assert w.store.calls["get"] == 2
+
+
 def test_unchanged_id_does_not_write_the_store() -> None:
     w = make_world(recheck_interval=60)
     publish(w, P1)
