@@ -584,7 +584,13 @@ class PolicyLookup:
     async def _await_fleet(
         self, domain: str, previous: CacheEntry | None, since: float, policy_id: str
     ) -> CacheEntry | None:
-        """Take the fleet's lease for ``domain``, or wait for the holder's result."""
+        """Take the fleet's lease for ``domain``, or wait for the holder's result.
+
+        A local store has no fleet: nothing to take, nobody to wait for, and
+        no other daemon's result to read back.
+        """
+        if not self.store.shared:
+            return None
         try:
             if await self.store.acquire_lease(domain, self.holder, self.settings.lease_ttl):
                 # Another daemon may have fetched, stored and released since
@@ -610,6 +616,8 @@ class PolicyLookup:
         return None
 
     async def _release_lease(self, domain: str) -> None:
+        if not self.store.shared:
+            return
         try:
             await self.store.release_lease(domain, self.holder)
         except StoreUnavailable:

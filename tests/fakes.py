@@ -201,6 +201,14 @@ class FlakyStore(MemoryStore):
         self.calls["prune"] += 1
         return await super().prune(now)
 
+    async def acquire_lease(self, domain: str, holder: str, ttl: float) -> bool:
+        self.calls["acquire_lease"] += 1
+        return await super().acquire_lease(domain, holder, ttl)
+
+    async def release_lease(self, domain: str, holder: str) -> None:
+        self.calls["release_lease"] += 1
+        await super().release_lease(domain, holder)
+
 
 def run(coro: Coroutine[Deferred[Any], Any, T]) -> Deferred[T]:
     """Start a coroutine under Twisted; with a Clock it runs until it waits on time."""

@@ -47,6 +47,7 @@ class FakeStore:
     """An in-memory store that can be made to fail (``down``) or hang (``hang``)."""
 
     name = "fake"
+    shared = True
 
     def __init__(self) -> None:
         self.data: dict[str, CacheEntry] = {}

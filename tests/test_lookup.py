@@ -652,6 +652,27 @@ def test_first_lookup_reads_the_store_once_and_resolves_from_what_it_found() -> 
     assert w.store.calls["get"] == 2
 
 
+def test_a_new_domain_on_a_local_store_is_read_once_and_takes_no_lease() -> None:
+    w = make_world(recheck_interval=NEVER)
+    assert not w.store.shared
+    publish(w, P1)
+    assert w.answer() == OK1
+    assert w.https.total == 1
+    assert (w.store.calls["get"], w.store.calls["acquire_lease"], w.store.calls["release_lease"]) == (1, 0, 0)
+    assert w.store.stored(DOMAIN) is not None
+
+
+def test_a_new_domain_on_a_shared_store_is_fetched_under_the_fleets_lease() -> None:
+    w = make_world(recheck_interval=NEVER)
+    w.store.shared = True
+    publish(w, P1)
+    assert w.answer() == OK1
+    assert w.https.total == 1
+    # Read once by the lookup, once more after the lease: another daemon may
+    # have stored the policy between the two.
+    assert (w.store.calls["get"], w.store.calls["acquire_lease"], w.store.calls["release_lease"]) == (2, 1, 1)
+
+
 def test_unchanged_id_does_not_write_the_store() -> None:
     w = make_world(recheck_interval=60)
     publish(w, P1)
@@ -880,6 +901,8 @@ def test_entry_answer_for_each_source() -> None:
 
 class LeaseHeldElsewhere(FlakyStore):
     """A shared store where another daemon of the fleet holds every lease."""
+
+    shared = True
 
     async def acquire_lease(self, domain: str, holder: str, ttl: float) -> bool:
         self._check_open()

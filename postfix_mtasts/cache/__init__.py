@@ -146,6 +146,10 @@ class IPolicyStore(Interface):
     """
 
     name = Attribute("Short backend name for logs: 'sqlite', 'memory', ...")
+    shared = Attribute(
+        "True when a fleet of daemons shares the store and its leases decide which one "
+        "fetches a domain; False for a local store, whose leases are always granted."
+    )
 
     async def open() -> None:
         """Connect, create or migrate the schema. Called once before use."""

@@ -20,6 +20,7 @@ class MemoryStore:
     """
 
     name = "memory"
+    shared = False
 
     def __init__(self) -> None:
         self._entries: dict[str, CacheEntry] = {}

@@ -167,6 +167,7 @@ class PostgresqlStore:
     """Policies in PostgreSQL tables, in a schema of the daemon's own."""
 
     name = "postgresql"
+    shared = True
 
     def __init__(
         self, dsn: str, schema: str = DEFAULT_SCHEMA, op_timeout: float = DEFAULT_OP_TIMEOUT

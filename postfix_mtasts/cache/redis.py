@@ -107,6 +107,7 @@ class RedisStore:
     """Policies in Redis (optionally found through Sentinel), one key per domain."""
 
     name = "redis"
+    shared = True
 
     def __init__(
         self,

@@ -68,6 +68,7 @@ class ResilientStore:
         self._reactor = reactor
         self.inner = inner
         self.name: str = inner.name
+        self.shared: bool = inner.shared
         self.op_timeout = op_timeout
         self.retry_interval = retry_interval
         self.max_pending = max_pending

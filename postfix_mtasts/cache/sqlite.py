@@ -161,6 +161,7 @@ class SqliteStore:
     """
 
     name = "sqlite"
+    shared = False
 
     def __init__(
         self,
