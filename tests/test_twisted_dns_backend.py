@@ -28,9 +28,10 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUDP
+from twisted.internet.interfaces import IReactorFDSet, IReactorTCP, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from postfix_mtasts.resolver import TxtFound
@@ -66,20 +67,20 @@ def open_sockets() -> set[str]:
     return found
 
 
-@implementer(IReactorUDP, IReactorTCP, IReactorTime)
+@implementer(IReactorFDSet, IReactorTCP, IReactorTime)
 class RecordingReactor:
-    """The real reactor, noting every UDP port and TCP connection made
-    through it and the socket behind each."""
+    """The real reactor, noting every UDP socket watched and TCP connection
+    made through it and the socket behind each."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
-        self.udp: list[tuple[Any, str, str]] = []  # (port, interface, socket inode)
+        self.udp: list[tuple[Any, str, str]] = []  # (reader, local address, socket inode)
         self.tcp: list[tuple[Any, str]] = []  # (connector, socket inode)
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
-        listening = self.real.listenUDP(port, protocol, interface=interface, maxPacketSize=maxPacketSize)
-        self.udp.append((listening, interface, socket_inode(listening.fileno())))
-        return listening
+    def addReader(self, reader: Any) -> None:
+        local = reader.socket.getsockname()[0]
+        self.udp.append((reader, local, socket_inode(reader.fileno())))
+        self.real.addReader(reader)
 
     def connectTCP(
         self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None
@@ -97,7 +98,8 @@ class RecordingReactor:
     def assert_all_closed(self) -> None:
         assert self.inodes(), "the backend opened no socket"
         assert not self.inodes() & open_sockets()
-        assert all(not port.connected for port, _i, _inode in self.udp)
+        watched = set(self.real.getReaders())
+        assert all(reader not in watched for reader, _a, _inode in self.udp)
 
 
 @pytest_twisted.async_yield_fixture()
@@ -159,8 +161,24 @@ async def test_udp_answer(server: DnsServer, recording: RecordingReactor) -> Non
     )
     assert [b"".join(rdata.strings) for rdata in answer.rrset] == [f"v=STSv1; id=udp{server.port};".encode()]
     assert server.count(STS_NAME, "TXT") == 1
-    assert [interface for _p, interface, _i in recording.udp] == [""]
+    assert [local for _r, local, _i in recording.udp] == ["0.0.0.0"]
     assert recording.tcp == []
+    recording.assert_all_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_udp_query_logs_nothing(server: DnsServer, recording: RecordingReactor) -> None:
+    # A Twisted UDP port logs when it starts and when it closes: two log
+    # events for every query, all thrown away by the daemon's log filter.
+    server.set_txt(STS_NAME, b"v=STSv1; id=quiet;")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        result = await DnsResolver([server.nameserver], reactor=recording).lookup_sts("example.com")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert isinstance(result, TxtFound) and result.policy_id == "quiet"
+    assert events == []
     recording.assert_all_closed()
 
 
@@ -374,7 +392,7 @@ async def test_tcp_connect_refused_is_an_error_not_a_hang(recording: RecordingRe
 
 
 def test_backend_refuses_what_is_not_a_reactor() -> None:
-    with pytest.raises(TypeError, match="IReactorUDP"):
+    with pytest.raises(TypeError, match="IReactorFDSet"):
         TwistedBackend(object())
 
 
@@ -416,7 +434,7 @@ async def test_ipv6_nameserver_over_udp_and_tcp(server6: DnsServer, recording: R
     result = await resolver.lookup_sts("example.com")
     assert isinstance(result, TxtFound) and result.policy_id == "six"
     assert server6.count(STS_NAME) == 3  # UDP; then UDP truncated and TCP
-    assert [interface for _p, interface, _i in recording.udp] == ["::", "::"]
+    assert [local for _r, local, _i in recording.udp] == ["::", "::"]
     assert len(recording.tcp) == 1
     recording.assert_all_closed()
 

@@ -1,10 +1,10 @@
 """A dnspython async I/O backend on the Twisted reactor, for any reactor.
 
-dnspython's resolver logic stays dnspython's; only its sockets become Twisted
-ports and connections: UDP through ``listenUDP``, TCP (answers truncated over
-UDP) through a client endpoint, timers through ``callLater``. Its coroutines
-await Deferreds, so they must be driven by ``Deferred.fromCoroutine`` (or a
-coroutine it drives), never by an asyncio task.
+dnspython's resolver logic stays dnspython's; only its sockets and timers
+become the reactor's: UDP sockets watched with ``addReader``, TCP (answers
+truncated over UDP) through a client endpoint, timers through ``callLater``.
+Its coroutines await Deferreds, so they must be driven by
+``Deferred.fromCoroutine`` (or a coroutine it drives), never by an asyncio task.
 
 dnspython catches ``Exception`` between attempts, and Twisted's CancelledError
 is one, so cancelling the Deferred that awaits a query would only end one
@@ -16,7 +16,6 @@ attempt. Cancellation therefore travels through dnspython as
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from collections import deque
 from collections.abc import Awaitable
@@ -32,16 +31,19 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IAddress, IReactorTCP, IReactorTime, IReactorUDP
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IAddress, IReactorFDSet, IReactorTCP, IReactorTime, IReadDescriptor
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 _T = TypeVar("_T")
 
-#: Largest datagram read from a UDP port (Twisted's default is 8192; a DNS
-#: answer over UDP may be as large as the EDNS payload size we advertise).
+#: Largest datagram read from a UDP socket (a DNS answer over UDP may be as
+#: large as the EDNS payload size we advertise, or larger from a careless server).
 MAX_DATAGRAM = 65_535
+#: Datagrams taken from a UDP socket per readiness event, at most.
+MAX_DATAGRAMS_PER_READ = 16
 #: A TCP connect without a deadline from dnspython gives up after this long.
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
@@ -112,97 +114,100 @@ class _Waiter:
             self._waiting = None
 
 
-class _DatagramReceiver(DatagramProtocol):
-    """Queues what arrives on a UDP port: ``(data, address)`` or an error."""
+@implementer(IReadDescriptor)
+class _DatagramReader:
+    """Reads a non-blocking UDP socket for the reactor and queues what
+    arrives: ``(data, address)`` or an error."""
 
-    # No "Starting protocol" / "Stopping protocol" log event for every query.
-    noisy = False
-
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
         self.arrived: deque[tuple[bytes, tuple[Any, ...]] | BaseException] = deque()
         self.waiter = _Waiter()
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.arrived.append((datagram, addr))
+    def fileno(self) -> int:
+        return self.socket.fileno()  # -1 once closed
+
+    def logPrefix(self) -> str:
+        return "DNS over UDP"
+
+    def doRead(self) -> None:
+        """Take the datagrams waiting (up to MAX_DATAGRAMS_PER_READ), then wake the reader."""
+        for _ in range(MAX_DATAGRAMS_PER_READ):
+            try:
+                self.arrived.append(self.socket.recvfrom(MAX_DATAGRAM))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                # A connected socket learns here of an ICMP "port unreachable".
+                self.arrived.append(error)
+                break
         self.waiter.wake()
 
-    def connectionRefused(self) -> None:
-        self.arrived.append(ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)))
+    def connectionLost(self, reason: Failure) -> None:
         self.waiter.wake()
 
 
 class _DatagramSocket(dns._asyncbackend.DatagramSocket):
-    """A Twisted UDP port, connected to ``destination`` when one was given."""
+    """A non-blocking UDP socket watched by the reactor, connected to
+    ``destination`` when one was given.
 
-    def __init__(self, reactor: Any, af: int, port: Any, receiver: _DatagramReceiver) -> None:
+    A plain socket rather than ``listenUDP``: a Twisted port logs twice and
+    takes one more reactor turn to close, for every query.
+    """
+
+    def __init__(self, reactor: Any, af: int, reader: _DatagramReader) -> None:
         super().__init__(af, socket.SOCK_DGRAM)
         self._reactor = reactor
-        self._port: Any = port
-        self._receiver = receiver
+        self._reader: _DatagramReader | None = reader
         self._peer: tuple[Any, ...] | None = None
-        # Twisted reports IPv6 senders as (host, port); dnspython compares the
-        # full (host, port, flowinfo, scope_id) with where it sent the query.
-        self._sent_to: dict[tuple[bytes, int], tuple[Any, ...]] = {}
 
     def connect(self, destination: tuple[Any, ...]) -> None:
-        self._port.connect(destination[0], destination[1])
+        assert self._reader is not None
+        self._reader.socket.connect(destination)
         self._peer = dns.inet.low_level_address_tuple((destination[0], destination[1]), self.family)
 
     async def sendto(self, what: bytes, destination: Any, timeout: float | None) -> int:
-        """Send one datagram (Twisted's write never blocks, so no timeout)."""
-        if self._port is None:
+        """Send one datagram; a full socket buffer is an OSError, as a lost datagram would be."""
+        reader = self._reader
+        if reader is None:
             raise OSError(errno.EBADF, "the UDP socket is closed")
         if self._peer is not None:
-            self._port.write(what)
-            return len(what)
-        target = tuple(destination)
-        if self.family == socket.AF_INET6:
-            self._sent_to[(dns.inet.inet_pton(self.family, target[0]), target[1])] = target
-        self._port.write(what, target)
-        return len(what)
+            return reader.socket.send(what)
+        return reader.socket.sendto(what, destination)
 
     async def recvfrom(self, size: int, timeout: float | None) -> tuple[bytes, tuple[Any, ...]]:
         """The next datagram and its sender; dns.exception.Timeout when none
         arrives within ``timeout`` seconds."""
-        arrived = self._receiver.arrived
+        reader = self._reader
+        if reader is None:
+            raise EOFError("EOF")
+        arrived = reader.arrived
         if not arrived:
-            if self._port is None:
-                raise EOFError("EOF")
-            await _wait(self._reactor, self._receiver.waiter.wait(), timeout)
+            await _wait(self._reactor, reader.waiter.wait(), timeout)
             if not arrived:  # woken by close()
                 raise EOFError("EOF")
         item = arrived.popleft()
         if isinstance(item, BaseException):
             raise item
         data, sender = item
-        if self.family == socket.AF_INET6 and len(sender) == 2:
-            sender = self._full_ipv6(sender)
         return data[:size], sender
 
-    def _full_ipv6(self, sender: tuple[Any, ...]) -> tuple[Any, ...]:
-        try:
-            key = (dns.inet.inet_pton(self.family, sender[0].partition("%")[0]), sender[1])
-        except dns.exception.SyntaxError:
-            return (*sender, 0, 0)
-        return self._sent_to.get(key, (*sender, 0, 0))
-
     async def close(self) -> None:
-        """Stop listening; returns once the port's socket is closed."""
-        port, self._port = self._port, None
-        if port is None:
+        """Stop watching the socket and close it, at once."""
+        reader, self._reader = self._reader, None
+        if reader is None:
             return
-        self._receiver.waiter.wake()
-        stopped = port.stopListening()
-        if isinstance(stopped, Deferred):
-            await _wait(self._reactor, stopped, None)
+        self._reactor.removeReader(reader)
+        reader.socket.close()
+        reader.waiter.wake()
 
     async def getpeername(self) -> tuple[Any, ...] | None:
         return self._peer
 
     async def getsockname(self) -> tuple[Any, ...]:
-        if self._port is None:
+        if self._reader is None:
             raise OSError(errno.EBADF, "the UDP socket is closed")
-        return _sockaddr(self._port.getHost())
+        return tuple(self._reader.socket.getsockname())
 
     async def getpeercert(self, timeout: float | None) -> Any:
         raise NotImplementedError("UDP has no peer certificate")
@@ -280,7 +285,7 @@ class TwistedBackend(dns._asyncbackend.Backend):
 
     def __init__(self, reactor: Any = None) -> None:
         if reactor is not None:
-            for interface in (IReactorUDP, IReactorTCP, IReactorTime):
+            for interface in (IReactorFDSet, IReactorTCP, IReactorTime):
                 if not interface.providedBy(reactor):
                     raise TypeError(f"{reactor!r} does not provide {interface.__name__}")
         self._reactor: Any = reactor
@@ -324,15 +329,18 @@ class TwistedBackend(dns._asyncbackend.Backend):
             interface, local_port = ("::" if af == socket.AF_INET6 else ""), 0
         else:
             interface, local_port = source[0], source[1]
-        receiver = _DatagramReceiver()
-        port = self.reactor.listenUDP(local_port, receiver, interface=interface, maxPacketSize=MAX_DATAGRAM)
-        datagrams = _DatagramSocket(self.reactor, af, port, receiver)
-        if destination is not None:
-            try:
+        sock = socket.socket(af, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((interface, local_port))
+            reader = _DatagramReader(sock)
+            datagrams = _DatagramSocket(self.reactor, af, reader)
+            if destination is not None:
                 datagrams.connect(destination)
-            except BaseException:
-                port.stopListening()
-                raise
+        except BaseException:
+            sock.close()
+            raise
+        self.reactor.addReader(reader)
         return datagrams
 
     async def _tcp(self, af: int, source: Any, destination: Any, timeout: float | None) -> _StreamSocket:
