@@ -215,7 +215,9 @@ def _serve(reactor: Any, config: Any, verbosity: int = 0) -> int:
     from twisted.internet.defer import Deferred
 
     from postfix_mtasts.service import ReloadRefused, Service, StartupError
+    from postfix_mtasts.sysmem import tune_collector
 
+    tune_collector()
     service = Service(reactor, config, verbosity=verbosity, listen_environment=SYSTEMD_LISTEN_ENVIRONMENT)
     outcome = {"code": EXIT_OK}
     reload_wanted = {"pending": False}

@@ -8,6 +8,7 @@ meanwhile; only a newly fetched, valid policy replaces it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -37,7 +38,7 @@ from postfix_mtasts.resolver import (
 )
 from postfix_mtasts.resolver.dane import DaneCache, dane_precedence
 from postfix_mtasts.stats import LookupStats
-from postfix_mtasts.sysmem import release_free_memory
+from postfix_mtasts.sysmem import loading_long_lived, release_free_memory
 
 log = logging.getLogger("postfix_mtasts.lookup")
 #: Source.FETCHED, read once: an enum member looked up on its class costs a
@@ -141,8 +142,12 @@ class PolicyLookup:
         holder: str | None = None,
         stats: LookupStats | None = None,
         dane: DaneCache | None = None,
+        freeze_loaded: bool = False,
     ) -> None:
         self.reactor = reactor
+        #: The daemon's own heap: the load at start holds full garbage
+        #: collections off and freezes what it loaded (sysmem.loading_long_lived).
+        self.freeze_loaded = freeze_loaded
         #: DANE results for profiles with ``dane``; None: DANE is not checked.
         self.dane = dane
         self.txt_resolver = txt_resolver
@@ -198,6 +203,10 @@ class PolicyLookup:
     async def _warm_up(self, pause_every: int | None = None) -> int:
         """Fill the front from the store; with ``pause_every``, let the reactor
         serve lookups between batches instead of blocking it for the whole load."""
+        with loading_long_lived() if self.freeze_loaded else contextlib.nullcontext():
+            return await self._load_front(pause_every)
+
+    async def _load_front(self, pause_every: int | None) -> int:
         started = self.reactor.seconds()
         try:
             entries = await self.store.load(self.settings.memory_entries)

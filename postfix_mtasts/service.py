@@ -173,11 +173,18 @@ def build_dane(reactor: Any, config: Config) -> DaneCache | None:
 
 
 def build_lookup(
-    reactor: Any, config: Config, store: IPolicyStore, system_addresses: SystemAddressResolver | None = None
+    reactor: Any,
+    config: Config,
+    store: IPolicyStore,
+    system_addresses: SystemAddressResolver | None = None,
+    *,
+    freeze_loaded: bool = False,
 ) -> PolicyLookup:
     dns, fetcher = build_resolvers(reactor, config, system_addresses)
     dane = build_dane(reactor, config)
-    return PolicyLookup(reactor, dns, fetcher, store, lookup_settings(config), dane=dane)
+    return PolicyLookup(
+        reactor, dns, fetcher, store, lookup_settings(config), dane=dane, freeze_loaded=freeze_loaded
+    )
 
 
 # --- what the service counts besides LookupStats ------------------------------------
@@ -352,7 +359,9 @@ class Daemon:
             await self.store.open()
         except Exception as e:
             raise StartupError(f"cache ({config.cache.backend}): {e}") from e
-        self.lookup = build_lookup(self.reactor, config, self.store, self.system_addresses)
+        self.lookup = build_lookup(
+            self.reactor, config, self.store, self.system_addresses, freeze_loaded=True
+        )
         self.lookup.fetcher = TimedFetcher(self.lookup.fetcher, self.reactor, self.counters)
         await self.lookup.start(warm_in_background=True)
         self.responder = Responder(

@@ -1,8 +1,12 @@
-"""sysmem: handing freed memory back to the system after the cache is loaded."""
+"""sysmem: handing freed memory back to the system after the cache is loaded,
+and the settings of the cyclic garbage collector."""
 
 from __future__ import annotations
 
+import gc
 import platform
+import weakref
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,3 +38,53 @@ def test_freed_small_objects_go_back_to_the_system() -> None:
 def test_without_malloc_trim_it_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sysmem, "_malloc_trim", lambda: None)
     assert sysmem.release_free_memory() is False
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """Leave the process's collector as it was found: thresholds and nothing frozen."""
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+def test_tuning_collects_the_young_generation_less_often(collector: None) -> None:
+    gc.set_threshold(700, 10, 10)
+    sysmem.tune_collector()
+    assert gc.get_threshold() == (sysmem.YOUNG_COLLECTION_THRESHOLD, 10, 10)
+
+
+def test_a_load_holds_full_collections_off_and_freezes_what_it_made(collector: None) -> None:
+    gc.set_threshold(5000, 10, 10)
+    gc.unfreeze()
+    with sysmem.loading_long_lived():
+        assert gc.get_threshold() == (5000, 10, sysmem.NEVER)
+        loaded = [{"policy": i} for i in range(10_000)]
+        assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == (5000, 10, 10)
+    assert gc.get_freeze_count() >= len(loaded)
+    # Frozen, not leaked: reference counting still frees them.
+    with sysmem.loading_long_lived():
+        held = Probe()
+    probe = weakref.ref(held)
+    del held
+    assert probe() is None
+
+
+def test_overlapping_loads_restore_the_threshold_when_the_last_ends(collector: None) -> None:
+    gc.set_threshold(5000, 10, 10)
+    first = sysmem.loading_long_lived()
+    second = sysmem.loading_long_lived()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.get_threshold()[2] == sysmem.NEVER  # the second load is still going
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == (5000, 10, 10)
+
+
+class Probe:
+    """A container object the collector tracks, that a weak reference can follow."""
