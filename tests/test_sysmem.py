@@ -74,17 +74,32 @@ def test_a_load_holds_full_collections_off_and_freezes_what_it_made(collector: N
     assert probe() is None
 
 
+def test_cycles_left_during_a_load_are_collected_not_frozen(collector: None) -> None:
+    gc.unfreeze()
+    with sysmem.loading_long_lived():
+        cycle = Probe()
+        cycle.itself = cycle  # garbage only the collector can free
+        probe = weakref.ref(cycle)
+        del cycle
+    assert probe() is None
+
+
 def test_overlapping_loads_restore_the_threshold_when_the_last_ends(collector: None) -> None:
     gc.set_threshold(5000, 10, 10)
     first = sysmem.loading_long_lived()
     second = sysmem.loading_long_lived()
     first.__enter__()
     second.__enter__()
+    gc.unfreeze()
     first.__exit__(None, None, None)
     assert gc.get_threshold()[2] == sysmem.NEVER  # the second load is still going
+    assert gc.get_freeze_count() == 0
     second.__exit__(None, None, None)
     assert gc.get_threshold() == (5000, 10, 10)
+    assert gc.get_freeze_count() > 0
 
 
 class Probe:
     """A container object the collector tracks, that a weak reference can follow."""
+
+    itself: Probe
