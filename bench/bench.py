@@ -768,6 +768,20 @@ def report(results: dict[str, Any]) -> str:
             ("treq", "    plain treq.get of the same URL", "(for comparison)"),
         ):
             row(label, cold[part]["cpu_us"], "", "", note)
+        # What resolving one new domain costs on its own (dnspython, getaddrinfo,
+        # treq over pyOpenSSL), against the peer's whole lookup (socketmap, DNS,
+        # fetch, cache): while this ratio is under 1x, no work on the rest of
+        # the daemon (socketmap, lookup, cache) can bring the cold fill level.
+        parts = sum(cold[part]["cpu_us"] for part in ("txt", "addresses", "fetch"))
+        per_cpu_s = get(peer, "cold_fill", "lookups_per_cpu_s")
+        peer_us = round(1e6 / per_cpu_s) if per_cpu_s else None
+        row(
+            "    TXT + addresses + fetch, us",
+            parts,
+            peer_us or "-",
+            ratio(peer_us, parts),
+            "(resolving alone vs the peer's whole lookup)",
+        )
 
     w_ours, w_peer = get(ours, "warm_hits", "lookups_per_s"), get(peer, "warm_hits", "lookups_per_s")
     w_floor = floor.get("asyncio", {}).get("lookups_per_s")
