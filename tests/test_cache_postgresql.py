@@ -88,9 +88,16 @@ class PostgresqlFactory(StoreFactory):
         return PostgresqlStore(POSTGRESQL_DSN, schema=self.schema, op_timeout=5.0)
 
 
-@async_yield_fixture
-async def store_factory() -> AsyncIterator[StoreFactory]:
+@pytest.fixture
+def postgresql_server() -> None:
+    """Skip (under CI: fail) without a PostgreSQL server. A plain fixture: a
+    skip raised inside pytest-twisted's async fixture breaks the next test's
+    set-up instead of skipping it."""
     require(POSTGRESQL_WHAT, postgresql_reachable())
+
+
+@async_yield_fixture
+async def store_factory(postgresql_server: None) -> AsyncIterator[StoreFactory]:
     factory = PostgresqlFactory(new_schema())
     try:
         yield factory
