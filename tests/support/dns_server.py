@@ -1,4 +1,4 @@
-"""A small authoritative DNS server on 127.0.0.1 for integration tests.
+"""A small authoritative DNS server on loopback for integration tests.
 
 It answers over UDP and TCP on one port from a zone the test edits between
 lookups, can misbehave on request (SERVFAIL, REFUSED, silence, truncation) and
@@ -51,7 +51,7 @@ from twisted.internet.protocol import (
 )
 from twisted.python.failure import Failure
 
-#: The only address the server listens on.
+#: The address the server listens on unless told another.
 LOOPBACK = "127.0.0.1"
 #: TTL of records set without an explicit one.
 DEFAULT_TTL = 300
@@ -95,6 +95,7 @@ class DnsServer:
         #: lower-cased without the final dot, rdtype as text (``"TXT"``).
         #: A UDP question retried over TCP appears twice.
         self.queries: list[tuple[str, str]] = []
+        self.interface = LOOPBACK
         self.port = 0
         self._zone: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]] = {}
         self._faults: dict[dns.name.Name, str] = {}
@@ -105,19 +106,22 @@ class DnsServer:
         self._connections: set[_DnsStreamProtocol] = set()
 
     @classmethod
-    async def start(cls, reactor: Any) -> DnsServer:
-        """Listen on UDP and TCP 127.0.0.1 on one free port of ``reactor``
-        (which must provide IReactorUDP and IReactorTCP)."""
+    async def start(cls, reactor: Any, *, interface: str = LOOPBACK, port: int = 0) -> DnsServer:
+        """Listen on UDP and TCP ``interface`` on ``port``, or on one free port
+        (0) of ``reactor`` (which must provide IReactorUDP and IReactorTCP).
+        A fixed port serves clients that cannot be told one, such as the
+        system's resolver (port 53, which needs root)."""
         if not (IReactorUDP.providedBy(reactor) and IReactorTCP.providedBy(reactor)):
             raise TypeError(f"{reactor!r} provides no UDP and TCP listening")
         server = cls()
-        await server._listen(reactor)
+        server.interface = interface
+        await server._listen(reactor, port)
         return server
 
     @property
     def nameserver(self) -> str:
-        """``"127.0.0.1:PORT"``, as DnsResolver and the config take it."""
-        return f"{LOOPBACK}:{self.port}"
+        """``"ADDRESS:PORT"``, as DnsResolver and the config take it."""
+        return f"{self.interface}:{self.port}"
 
     # --- the zone ---------------------------------------------------------
 
@@ -300,20 +304,20 @@ class DnsServer:
 
     # --- listening --------------------------------------------------------
 
-    async def _listen(self, reactor: Any) -> None:
+    async def _listen(self, reactor: Any, wanted: int) -> None:
         last_error: CannotListenError | None = None
-        for _ in range(PORT_ATTEMPTS):
-            udp = reactor.listenUDP(0, _DnsDatagramProtocol(self), interface=LOOPBACK)
+        for _ in range(1 if wanted else PORT_ATTEMPTS):
+            udp = reactor.listenUDP(wanted, _DnsDatagramProtocol(self), interface=self.interface)
             port: int = udp.getHost().port
             try:
-                tcp = reactor.listenTCP(port, _DnsStreamFactory(self), interface=LOOPBACK)
+                tcp = reactor.listenTCP(port, _DnsStreamFactory(self), interface=self.interface)
             except CannotListenError as error:
                 last_error = error
                 await _stopped(udp)
                 continue
             self._udp, self._tcp, self.port = udp, tcp, port
             return
-        raise RuntimeError(f"no port free for both UDP and TCP on {LOOPBACK}: {last_error}")
+        raise RuntimeError(f"no port free for both UDP and TCP on {self.interface}: {last_error}")
 
     async def stop(self) -> None:
         """Close both listeners and every open TCP connection."""

@@ -1,7 +1,8 @@
 """A loopback SMTP server with STARTTLS for the ``check`` tests, whose
 behaviour the test sets: STARTTLS offered or not, the certificate per SNI name
 (good, wrong name, expired, expiring soon, untrusted), TLS 1.0 only, or a
-server that accepts connections and never speaks.
+server that accepts connections and never speaks. It also takes mail (MAIL,
+RCPT, DATA) and keeps each message, for tests where a real MTA delivers.
 
 Every MX host of a test world resolves to 127.0.0.1 and the prober connects to
 this one port, so the behaviour is the server's (one server per behaviour);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import datetime
 import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dns.name
@@ -40,7 +42,7 @@ from zope.interface import implementer
 
 from tests.support.dns_server import DEFAULT_TTL, DnsServer
 
-#: The only address the server listens on.
+#: The address the server listens on unless told another.
 LOOPBACK = "127.0.0.1"
 #: The name the server calls itself in its banner and EHLO reply.
 SERVER_NAME = "smtp.loopback.test"
@@ -132,8 +134,18 @@ def openssl_allows_tls10() -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class ReceivedMail:
+    """One message taken by the server: envelope, data, and whether it came over TLS."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    tls: bool
+
+
 class SmtpServer:
-    """One listening port on 127.0.0.1; see the module docstring."""
+    """One listening port on loopback; see the module docstring."""
 
     def __init__(self, ca: trustme.CA, *, mode: SmtpMode = SmtpMode.STARTTLS) -> None:
         self.mode = mode
@@ -148,6 +160,8 @@ class SmtpServer:
         self.connections_accepted = 0
         #: TLS sessions that completed their handshake.
         self.handshakes = 0
+        #: Messages taken, in order.
+        self.mail: list[ReceivedMail] = []
         self._certificates: dict[str, SmtpCert] = {}
         self._contexts: dict[tuple[str, SmtpCert], SSL.Context] = {}
         self._listening: IListeningPort | None = None
@@ -159,10 +173,11 @@ class SmtpServer:
         """Present a ``kind`` certificate to clients asking (SNI) for ``name``."""
         self._certificates[name.lower().rstrip(".")] = kind
 
-    async def start(self, reactor: Any) -> None:
+    async def start(self, reactor: Any, *, interface: str = LOOPBACK, port: int = 0) -> None:
+        """Listen on ``interface``, on ``port`` or (0) a free one."""
         self._reactor = reactor
         self.tls = _SniSelector(self)
-        listening: Any = reactor.listenTCP(0, _SmtpFactory(self), interface=LOOPBACK)
+        listening: Any = reactor.listenTCP(port, _SmtpFactory(self), interface=interface)
         self._listening = listening
         self.port = listening.getHost().port
 
@@ -249,13 +264,18 @@ class _SniSelector:
 
 @implementer(IHandshakeListener)
 class _SmtpSession(Protocol):
-    """Just enough of an SMTP server for a STARTTLS probe: EHLO/HELO, STARTTLS, NOOP, RSET, QUIT."""
+    """Just enough of an SMTP server for a STARTTLS probe (EHLO/HELO, STARTTLS,
+    NOOP, RSET, QUIT) and for taking mail (MAIL, RCPT, DATA)."""
 
     def __init__(self, server: SmtpServer) -> None:
         self.server = server
         self.buffer = b""
         self.tls = False
         self.closed: Deferred[None] = Deferred()
+        self.sender = ""
+        self.recipients: list[str] = []
+        #: Lines of the message while DATA is being read, else None.
+        self.data: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         self.server.connections_accepted += 1
@@ -286,6 +306,9 @@ class _SmtpSession(Protocol):
         self.buffer += data
         while b"\n" in self.buffer:
             raw, self.buffer = self.buffer.split(b"\n", 1)
+            if self.data is not None:
+                self.data_line(raw.rstrip(b"\r"))
+                continue
             line = raw.rstrip(b"\r").decode("latin-1")
             self.server.commands.append(line)
             if not self.command(line):
@@ -313,7 +336,21 @@ class _SmtpSession(Protocol):
             transport.startTLS(self.server.tls)
             return False
         elif verb in ("NOOP", "RSET"):
+            if verb == "RSET":
+                self.sender, self.recipients = "", []
             self.reply(250, ["2.0.0 OK"])
+        elif verb == "MAIL":
+            self.sender, self.recipients = _address(line), []
+            self.reply(250, ["2.1.0 OK"])
+        elif verb == "RCPT":
+            self.recipients.append(_address(line))
+            self.reply(250, ["2.1.5 OK"])
+        elif verb == "DATA":
+            if not self.recipients:
+                self.reply(503, ["5.5.1 no valid recipients"])
+                return True
+            self.data = []
+            self.reply(354, ["end data with <CR><LF>.<CR><LF>"])
         elif verb == "QUIT":
             self.reply(221, ["2.0.0 bye"])
             self.close()
@@ -322,9 +359,26 @@ class _SmtpSession(Protocol):
             self.reply(502, ["5.5.2 command not recognised"])
         return True
 
+    def data_line(self, line: bytes) -> None:
+        """One line of a message; the lone dot ends it (RFC 5321 §4.1.1.4)."""
+        assert self.data is not None
+        if line != b".":
+            self.data.append(line[1:] if line.startswith(b".") else line)
+            return
+        mail = ReceivedMail(self.sender, tuple(self.recipients), b"\r\n".join(self.data) + b"\r\n", self.tls)
+        self.server.mail.append(mail)
+        self.data, self.sender, self.recipients = None, "", []
+        self.reply(250, ["2.0.0 message taken"])
+
     def close(self) -> None:
         transport: Any = self.transport
         transport.loseConnection()
+
+
+def _address(command: str) -> str:
+    """The address in ``MAIL FROM:<a>`` or ``RCPT TO:<a>`` (parameters after it ignored)."""
+    start, end = command.find("<"), command.find(">")
+    return command[start + 1 : end] if 0 <= start < end else ""
 
 
 class _SmtpFactory(Factory):
