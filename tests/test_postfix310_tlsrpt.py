@@ -7,7 +7,8 @@ run Debian 13's Postfix 3.10 (built with libtlsrpt) in a chroot made with
 (chroot, and ports 25 and 53).
 
 Postfix there delivers a real message: its SMTP client asks the daemon
-(profile ``tlsrpt``) over socketmap for the next hop's TLS policy, looks up
+(profile ``tlsrpt``) over socketmap, directly or through proxymap(8), for
+the next hop's TLS policy, looks up
 the MX and the ``_smtp._tls`` record through the system resolver (a test DNS
 server on port 53 of MTA_ADDRESS), and hands the message over STARTTLS to a
 test SMTP server on port 25 of the same address. libtlsrpt reports the
@@ -136,7 +137,10 @@ class Mta:
             waited += POLL
 
 
-def main_cf(socketmap_port: int) -> str:
+def main_cf(socketmap_port: int, table_kind: str) -> str:
+    table = f"socketmap:inet:{LOOPBACK}:{socketmap_port}:tlsrpt"
+    if table_kind == "proxymap":
+        table = "proxy:" + table
     return f"""\
 compatibility_level = 3.10
 myhostname = sender.mtasts.test
@@ -148,14 +152,22 @@ maillog_file = {MAILLOG}
 smtp_tls_security_level = may
 smtp_tls_CAfile = {CA_PATH}
 smtp_tls_loglevel = 1
-smtp_tls_policy_maps = socketmap:inet:{LOOPBACK}:{socketmap_port}:tlsrpt
+smtp_tls_policy_maps = {table}
 smtp_tlsrpt_enable = yes
 smtp_tlsrpt_socket_name = {TLSRPT_SOCKET}
 """
 
 
+@pytest.fixture(params=["socketmap", "proxymap"])
+def table_kind(request: pytest.FixtureRequest) -> str:
+    """How Postfix reaches the daemon: its SMTP client directly, or through
+    proxymap(8) (``proxy:socketmap:...``), as a chrooted smtp(8) must."""
+    kind: str = request.param
+    return kind
+
+
 @async_yield_fixture
-async def mta(tmp_path: Path, postfix_root: Path) -> AsyncIterator[Mta]:
+async def mta(tmp_path: Path, postfix_root: Path, table_kind: str) -> AsyncIterator[Mta]:
     root = postfix_root
     world = await World.start(reactor())
     world.publish(ENFORCE, World.policy_text(mode="enforce", mx=ENFORCE_MX), "e1")
@@ -185,7 +197,7 @@ async def mta(tmp_path: Path, postfix_root: Path) -> AsyncIterator[Mta]:
         os.chmod(socket_path, 0o666)  # Postfix's smtp runs as the postfix user
         (root / "etc/resolv.conf").write_text(f"nameserver {MTA_ADDRESS}\n")
         shutil.copyfile(world.ca_file, root / CA_PATH.lstrip("/"))
-        (root / "etc/postfix/main.cf").write_text(main_cf(socketmap_port))
+        (root / "etc/postfix/main.cf").write_text(main_cf(socketmap_port, table_kind))
         (root / MAILLOG.lstrip("/")).unlink(missing_ok=True)
         # No chroot inside the chroot (its files would need copying), and
         # no SMTP server of its own: the test only sends.
