@@ -37,7 +37,6 @@ from zope.interface import implementer
 from postfix_mtasts.resolver import TxtFound
 from postfix_mtasts.resolver.dns import DnsResolver
 from postfix_mtasts.resolver.twisted_backend import TwistedBackend, cancellable
-from tests.support import dns_server
 from tests.support.dns_server import DnsServer
 
 reactor: Any = global_reactor
@@ -414,12 +413,10 @@ async def test_tls_and_https_say_they_are_not_supported() -> None:
 
 @pytest_twisted.async_yield_fixture()
 async def server6() -> AsyncIterator[DnsServer]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dns_server, "LOOPBACK", "::1")
-        try:
-            started = await DnsServer.start(reactor)
-        except (CannotListenError, OSError) as error:
-            pytest.skip(f"the test DNS server cannot listen on [::1]: {error}")
+    try:
+        started = await DnsServer.start(reactor, interface="::1")
+    except (CannotListenError, OSError) as error:
+        pytest.skip(f"the test DNS server cannot listen on [::1]: {error}")
     yield started
     await started.stop()
 
