@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,9 @@ class Mta:
     smtp: SmtpServer
     reports: _Reports
     daemon: DaemonProcess
-    commands: list[str] = field(default_factory=list)
 
     async def run(self, *argv: str) -> str:
         """A command inside the chroot; fails the test unless it exits 0."""
-        self.commands.append(" ".join(argv))
         running: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(  # type: ignore[no-untyped-call]
             "/usr/sbin/chroot", [str(self.root), *argv], env={"PATH": PATH}, reactor=reactor()
         )
@@ -129,7 +128,7 @@ class Mta:
         path = self.root / MAILLOG.lstrip("/")
         return path.read_text(errors="replace") if path.exists() else ""
 
-    async def wait_for(self, done: Any, what: str) -> None:
+    async def wait_for(self, done: Callable[[], object], what: str) -> None:
         waited = 0.0
         while not done():
             assert waited < DELIVERY_WAIT, f"no {what} after {DELIVERY_WAIT}s; Postfix log:\n{self.log()}"
@@ -169,42 +168,52 @@ def table_kind(request: pytest.FixtureRequest) -> str:
 @async_yield_fixture
 async def mta(tmp_path: Path, postfix_root: Path, table_kind: str) -> AsyncIterator[Mta]:
     root = postfix_root
-    world = await World.start(reactor())
-    world.publish(ENFORCE, World.policy_text(mode="enforce", mx=ENFORCE_MX), "e1")
-    world.publish(BROKEN, World.policy_text(mode="enforce", mx=(MX_HOST,)), "b1")
-    world.https.set_host(f"mta-sts.{BROKEN}", Serve(status=404))
-    dns = await DnsServer.start(reactor(), interface=MTA_ADDRESS, port=53)
-    smtp = SmtpServer(world.https.ca)
-    await smtp.start(reactor(), interface=MTA_ADDRESS, port=25)
-    for domain in (ENFORCE, BROKEN):
-        set_mx(dns, domain, (10, MX_HOST))
-        dns.set_txt(f"_smtp._tls.{domain}", TLSRPT_RECORD)
-    dns.set_a(MX_HOST, MTA_ADDRESS)
+    async with AsyncExitStack() as cleanup:
+        world = await World.start(reactor())
+        cleanup.push_async_callback(world.stop)
+        world.publish(ENFORCE, World.policy_text(mode="enforce", mx=ENFORCE_MX), "e1")
+        world.publish(BROKEN, World.policy_text(mode="enforce", mx=(MX_HOST,)), "b1")
+        world.https.set_host(f"mta-sts.{BROKEN}", Serve(status=404))
 
-    socketmap_port = free_port()
-    config = world.config_toml(
-        socketmap=(f"inet:{LOOPBACK}:{socketmap_port}",),
-        profiles={"tlsrpt": {"tlsrpt": True, "tlsrpt_policy_failure": True}},
-    )
-    daemon = await DaemonProcess.start(reactor(), tmp_path, config)
-    reports = _Reports()
-    socket_path = root / TLSRPT_SOCKET.lstrip("/")
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    socket_path.unlink(missing_ok=True)
-    listening = reactor().listenUNIXDatagram(str(socket_path), reports)
-    setup = Mta(root, world, dns, smtp, reports, daemon)
-    try:
+        dns = await DnsServer.start(reactor(), interface=MTA_ADDRESS, port=53)
+        cleanup.push_async_callback(dns.stop)
+        for domain in (ENFORCE, BROKEN):
+            set_mx(dns, domain, (10, MX_HOST))
+            dns.set_txt(f"_smtp._tls.{domain}", TLSRPT_RECORD)
+        dns.set_a(MX_HOST, MTA_ADDRESS)
+        smtp = SmtpServer(world.https.ca)
+        await smtp.start(reactor(), interface=MTA_ADDRESS, port=25)
+        cleanup.push_async_callback(smtp.stop)
+
+        socketmap_port = free_port()
+        config = world.config_toml(
+            socketmap=(f"inet:{LOOPBACK}:{socketmap_port}",),
+            profiles={"tlsrpt": {"tlsrpt": True, "tlsrpt_policy_failure": True}},
+        )
+        daemon = await DaemonProcess.start(reactor(), tmp_path, config)
+        cleanup.push_async_callback(daemon.close)
+
+        reports = _Reports()
+        socket_path = root / TLSRPT_SOCKET.lstrip("/")
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        socket_path.unlink(missing_ok=True)
+        listening = reactor().listenUNIXDatagram(str(socket_path), reports)
+        cleanup.push_async_callback(_stop_listening, listening)
         os.chmod(socket_path, 0o666)  # Postfix's smtp runs as the postfix user
+
         (root / "etc/resolv.conf").write_text(f"nameserver {MTA_ADDRESS}\n")
         shutil.copyfile(world.ca_file, root / CA_PATH.lstrip("/"))
         (root / "etc/postfix/main.cf").write_text(main_cf(socketmap_port, table_kind))
         (root / MAILLOG.lstrip("/")).unlink(missing_ok=True)
+        setup = Mta(root, world, dns, smtp, reports, daemon)
         # No chroot inside the chroot (its files would need copying), and
         # no SMTP server of its own: the test only sends.
         await setup.run("postconf", "-F", "*/*/chroot = n")
         await setup.run("postconf", "-MX", "smtp/inet")
         # What a run cut short may have left: a running Postfix, queued mail.
+        # (postfix check makes the queue directories a new chroot lacks.)
         await setup.run("/bin/sh", "-c", "! postfix status 2>/dev/null || postfix stop")
+        await setup.run("postfix", "check")
         await setup.run("postsuper", "-d", "ALL")
         await setup.run("postfix", "start")
         try:
@@ -213,13 +222,11 @@ async def mta(tmp_path: Path, postfix_root: Path, table_kind: str) -> AsyncItera
             await setup.run("postfix", "stop")
             await setup.run("postsuper", "-d", "ALL")
         await daemon.stop()
-    finally:
-        await listening.stopListening()
-        await daemon.close()
-        await smtp.stop()
-        await dns.stop()
-        await world.stop()
     assert "Traceback" not in daemon.stderr_text(), daemon.stderr_text()
+
+
+async def _stop_listening(port: Any) -> None:
+    await port.stopListening()
 
 
 def _policy(report: dict[str, Any]) -> dict[str, Any]:
