@@ -8,10 +8,10 @@ run Debian 13's Postfix 3.10 (built with libtlsrpt) in a chroot made with
 
 Postfix there delivers a real message: its SMTP client asks the daemon
 (profile ``tlsrpt``) over socketmap, directly or through proxymap(8), for
-the next hop's TLS policy, looks up
-the MX and the ``_smtp._tls`` record through the system resolver (a test DNS
-server on port 53 of MTA_ADDRESS), and hands the message over STARTTLS to a
-test SMTP server on port 25 of the same address. libtlsrpt reports the
+the next hop's TLS policy, looks up the MX and the ``_smtp._tls`` record
+through the system resolver (a test DNS server on port 53 of MTA_ADDRESS),
+and hands the message over STARTTLS to a test SMTP server on port 25 of the
+same address. libtlsrpt reports the
 delivery as a JSON datagram on a unix socket the test listens on, so the test
 sees what Postfix made of the answer's ``policy_type``, ``policy_domain``,
 ``mx_host_pattern`` and ``policy_string`` attributes, and of
@@ -59,7 +59,7 @@ TLSRPT_RECORD = "v=TLSRPTv1; rua=mailto:tlsrpt@reports.example"
 CA_PATH = "/etc/postfix/mtasts-test-ca.pem"
 TLSRPT_SOCKET = "/run/tlsrpt/tlsrpt.sock"
 MAILLOG = "/var/log/postfix.log"
-#: libtlsrpt's codes (tlsrpt.h): policy types and failure results.
+#: libtlsrpt's codes (tlsrpt.h): the STS policy type and a failure type.
 TLSRPT_POLICY_STS = 2
 TLSRPT_STS_POLICY_FETCH_ERROR = 301
 #: Guards against a hung run, not timed assertions.
