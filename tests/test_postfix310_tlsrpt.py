@@ -37,7 +37,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.conftest import missing
 from tests.support.daemon import LOOPBACK, DaemonProcess, async_yield_fixture, ensure_deferred, free_port
-from tests.support.dns_server import DnsServer
+from tests.support.dns_server import DnsServer, stop_listening
 from tests.support.https_server import Serve
 from tests.support.smtp_server import SmtpServer, set_mx
 from tests.support.world import World
@@ -198,7 +198,7 @@ async def mta(tmp_path: Path, postfix_root: Path, table_kind: str) -> AsyncItera
         socket_path.parent.mkdir(parents=True, exist_ok=True)
         socket_path.unlink(missing_ok=True)
         listening = reactor().listenUNIXDatagram(str(socket_path), reports)
-        cleanup.push_async_callback(_stop_listening, listening)
+        cleanup.push_async_callback(stop_listening, listening)
         os.chmod(socket_path, 0o666)  # Postfix's smtp runs as the postfix user
 
         (root / "etc/resolv.conf").write_text(f"nameserver {MTA_ADDRESS}\n")
@@ -223,10 +223,6 @@ async def mta(tmp_path: Path, postfix_root: Path, table_kind: str) -> AsyncItera
             await setup.run("postsuper", "-d", "ALL")
         await daemon.stop()
     assert "Traceback" not in daemon.stderr_text(), daemon.stderr_text()
-
-
-async def _stop_listening(port: Any) -> None:
-    await port.stopListening()
 
 
 def _policy(report: dict[str, Any]) -> dict[str, Any]:

@@ -313,7 +313,7 @@ class DnsServer:
                 tcp = reactor.listenTCP(port, _DnsStreamFactory(self), interface=self.interface)
             except CannotListenError as error:
                 last_error = error
-                await _stopped(udp)
+                await stop_listening(udp)
                 continue
             self._udp, self._tcp, self.port = udp, tcp, port
             return
@@ -323,7 +323,7 @@ class DnsServer:
         """Close both listeners and every open TCP connection."""
         for listener in (self._udp, self._tcp):
             if listener is not None:
-                await _stopped(listener)
+                await stop_listening(listener)
         self._udp = self._tcp = None
         closing = [connection.closed for connection in self._connections]
         for connection in list(self._connections):
@@ -334,7 +334,8 @@ class DnsServer:
             await closed
 
 
-async def _stopped(listener: Any) -> None:
+async def stop_listening(listener: Any) -> None:
+    """Stop a Twisted listening port, waiting for it when it says to."""
     result = listener.stopListening()
     if isinstance(result, Deferred):
         await result
