@@ -738,23 +738,20 @@ def test_background_warm_up_pauses_between_batches_and_keeps_newer_entries(
     assert w.dns.total == 0
 
 
-def test_the_daemons_warm_up_freezes_what_it_loaded_out_of_the_collectors_sight() -> None:
+def test_the_daemons_warm_up_freezes_what_it_loaded_out_of_the_collectors_sight(collector: None) -> None:
     w = make_world(recheck_interval=NEVER)
     w.lookup.freeze_loaded = True
     entries = [stored_entry(f"d{i}.example", P1, fetched_offset=-10, checked_offset=-10) for i in range(50)]
     result_of(run(w.store.put_many(entries)))
     threshold = gc.get_threshold()
     gc.unfreeze()
-    try:
-        assert w.start() == 50
-        loaded = w.lookup.front.peek("d7.example")
-        assert loaded is not None and gc.is_tracked(loaded)
-        # Frozen: in none of the generations a collection walks.
-        assert gc.get_freeze_count() > 0
-        assert not any(tracked is loaded for tracked in gc.get_objects())
-        assert gc.get_threshold() == threshold  # full collections allowed again
-    finally:
-        gc.unfreeze()
+    assert w.start() == 50
+    loaded = w.lookup.front.peek("d7.example")
+    assert loaded is not None and gc.is_tracked(loaded)
+    # Frozen: in none of the generations a collection walks.
+    assert gc.get_freeze_count() > 0
+    assert not any(tracked is loaded for tracked in gc.get_objects())
+    assert gc.get_threshold() == threshold  # full collections allowed again
 
 
 def test_lookup_falls_back_to_the_store_when_memory_lost_the_entry() -> None:

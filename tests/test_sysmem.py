@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import platform
 import weakref
-from collections.abc import Iterator
 
 import pytest
 
@@ -38,17 +37,6 @@ def test_freed_small_objects_go_back_to_the_system() -> None:
 def test_without_malloc_trim_it_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sysmem, "_malloc_trim", lambda: None)
     assert sysmem.release_free_memory() is False
-
-
-@pytest.fixture
-def collector() -> Iterator[None]:
-    """Leave the process's collector as it was found: thresholds and nothing frozen."""
-    threshold = gc.get_threshold()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*threshold)
 
 
 def test_tuning_collects_the_young_generation_less_often(collector: None) -> None:
