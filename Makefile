@@ -1,17 +1,21 @@
 # Two commands for a fresh machine (see README.rst):
 #   make run    install into .venv and run the daemon with its defaults
 #   make test   install into .venv and run every check and test
+# Everything installs at the exact versions in constraints.txt; `make lock`
+# refreshes that file from the newest releases.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXTRAS := test,redis,postgresql,metrics
+PIP_PINNED := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 
-.PHONY: run test lint install
+.PHONY: run test lint install lock
 
-$(STAMP): setup.cfg setup.py
+$(STAMP): setup.cfg setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --editable '.[test,redis,postgresql,metrics]'
+	$(PIP_PINNED) pip setuptools wheel
+	$(PIP_PINNED) --no-build-isolation --editable '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,3 +29,14 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# A fresh venv with the newest releases that setup.cfg allows, frozen.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	.lock-venv/bin/python -m pip install --quiet '.[$(EXTRAS)]'
+	{ sed -n '1,/^$$/p' constraints.txt; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude postfix-mtasts; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .lock-venv build

@@ -190,7 +190,7 @@ class RedisStore:
         for key in ("host", "port", "path", "connection_class"):
             parts.pop(key, None)
         addresses = [_sentinel_address(s) for s in self.sentinels]
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             addresses,
             sentinel_kwargs={
                 "socket_timeout": self.op_timeout,
