@@ -159,9 +159,14 @@ class PostgresqlConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     backend: Literal["sqlite", "memory", "redis", "postgresql"] = "sqlite"
-    #: SQLite file; empty means the store picks its default location.
+    #: SQLite file; empty means the store picks its default location. With a
+    #: shared backend it holds the daemon's local copy.
     path: str = ""
     memory_entries: int = limits.MEMORY_ENTRIES
+    #: With a shared backend: keep a local durable copy (cache.layered) under it.
+    local_copy: bool = True
+    #: With a shared backend: how long start-up waits for it to open.
+    open_deadline: float = limits.STORE_OPEN_DEADLINE
     redis: RedisConfig = field(default_factory=RedisConfig)
     postgresql: PostgresqlConfig = field(default_factory=PostgresqlConfig)
 
@@ -695,7 +700,8 @@ class _Reader:
 
     def cache(self, data: Mapping[str, object]) -> CacheConfig:
         prefix = "cache"
-        self.table(data, prefix, ("backend", "path", "memory_entries", "redis", "postgresql"))
+        self.table(data, prefix, ("backend", "path", "memory_entries", "local_copy", "open_deadline",
+                                  "redis", "postgresql"))
         backend = self.choice(data, "backend", prefix, CACHE_BACKENDS, "sqlite")
         return CacheConfig(
             backend=backend,  # type: ignore[arg-type]  # checked against CACHE_BACKENDS
@@ -707,6 +713,10 @@ class _Reader:
                 limits.MEMORY_ENTRIES,
                 1,
                 MEMORY_ENTRIES_MAX,
+            ),
+            local_copy=self.boolean(data, "local_copy", prefix, True),
+            open_deadline=self.seconds(
+                data, "open_deadline", prefix, limits.STORE_OPEN_DEADLINE, 0, above=True
             ),
             redis=self.redis(self.subtable(data, "redis", prefix)),
             postgresql=self.postgresql(self.subtable(data, "postgresql", prefix)),

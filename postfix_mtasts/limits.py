@@ -54,6 +54,9 @@ REFRESH_JITTER = 300.0
 REFRESH_IDLE_LIMIT = 30 * 86_400.0
 #: Entries kept in the in-memory front of the cache.
 MEMORY_ENTRIES = 200_000
+#: How long start-up waits for a shared store (Redis, PostgreSQL) to open
+#: before declaring it down and serving from the local copy.
+STORE_OPEN_DEADLINE = 5.0
 #: Threads resolving policy hosts with the system resolver (getaddrinfo)
 #: when no nameservers are configured; a lookup waiting for a thread still
 #: counts against its fetch deadline.

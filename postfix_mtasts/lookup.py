@@ -182,6 +182,10 @@ class PolicyLookup:
         self._store_failing = False
         # Entries a failing store could not take, written when it works again.
         self._unsaved: dict[str, CacheEntry] = {}
+        # The background warm-up, while it runs (start(warm_in_background=True)).
+        self._warming: Deferred[Any] | None = None
+        # Domains whose fleet lease this daemon holds, until their result is stored.
+        self._leases_held: set[str] = set()
 
     # --- life cycle --------------------------------------------------------
 
@@ -196,9 +200,15 @@ class PolicyLookup:
         self._schedule(PRUNE_INTERVAL, self._prune)
         self._schedule(TOUCH_FLUSH_INTERVAL, self._flush_touched)
         if warm_in_background:
-            self._spawn(self._warm_up(pause_every=WARM_UP_BATCH))
+            self._warming = self._spawn(self._warm_up(pause_every=WARM_UP_BATCH))
             return 0
         return await self._warm_up()
+
+    async def warmed(self) -> None:
+        """Wait until a background warm-up started by :meth:`start` is done."""
+        warming = self._warming
+        if warming is not None and not warming.called:
+            await _quiet(warming)
 
     async def _warm_up(self, pause_every: int | None = None) -> int:
         """Fill the front from the store; with ``pause_every``, let the reactor
@@ -473,6 +483,17 @@ class PolicyLookup:
         previous = self.front.peek(domain)
         if previous is None:
             previous = stored if store_read else await self._store_get(domain)
+        try:
+            return await self._resolve_and_store(domain, previous, force_fetch)
+        finally:
+            # Released only once the result is in the store: a fleet member
+            # that takes the lease next finds it there and does not fetch again.
+            if domain in self._leases_held:
+                await self._release_lease(domain)
+
+    async def _resolve_and_store(
+        self, domain: str, previous: CacheEntry | None, force_fetch: bool
+    ) -> Resolution:
         resolution = await self._resolve(domain, previous, force_fetch)
         entry = resolution.entry
         if domain in self._flushed_in_flight:
@@ -558,11 +579,8 @@ class PolicyLookup:
                                         f"{cached.policy_id} stays in force until "
                                         f"{_stamp(cached.expires_at)}", tuple(trace))
             return Resolution(adopted, "resolved by another daemon of the fleet", tuple(trace))
-        try:
-            self.stats.fetches += 1
-            result = await self.fetcher.fetch(domain)
-        finally:
-            await self._release_lease(domain)
+        self.stats.fetches += 1
+        result = await self.fetcher.fetch(domain)
         now = self.reactor.seconds()
         trace.extend(result.trace)
         if isinstance(result, FetchOK):
@@ -602,6 +620,7 @@ class PolicyLookup:
             return None
         try:
             if await self.store.acquire_lease(domain, self.holder, self.settings.lease_ttl):
+                self._leases_held.add(domain)
                 # Another daemon may have fetched, stored and released since
                 # ``previous`` was read: take its result rather than fetch again.
                 fetched = await self._store_get(domain)
@@ -625,6 +644,7 @@ class PolicyLookup:
         return None
 
     async def _release_lease(self, domain: str) -> None:
+        self._leases_held.discard(domain)
         if not self.store.shared:
             return
         try:

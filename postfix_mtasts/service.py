@@ -95,7 +95,8 @@ def lookup_settings(config: Config) -> LookupSettings:
 
 
 def build_store(reactor: Any, config: Config) -> IPolicyStore:
-    """The configured backend; shared backends are wrapped to survive outages."""
+    """The configured backend; a shared backend is wrapped to survive outages
+    and, unless ``cache.local_copy`` is off, layered over a local SQLite copy."""
     cache = config.cache
     if cache.backend == "memory":
         from postfix_mtasts.cache.memory import MemoryStore
@@ -136,7 +137,19 @@ def build_store(reactor: Any, config: Config) -> IPolicyStore:
         )
     else:  # config validation makes this unreachable
         raise StartupError(f"cache.backend: unknown backend {cache.backend!r}")
-    return ResilientStore(reactor, inner, op_timeout=SHARED_STORE_OP_TIMEOUT)
+    shared = ResilientStore(
+        reactor,
+        inner,
+        op_timeout=SHARED_STORE_OP_TIMEOUT,
+        open_timeout=cache.open_deadline,
+        backed_up_locally=cache.local_copy,
+    )
+    if not cache.local_copy:
+        return shared
+    from postfix_mtasts.cache.layered import LayeredStore
+    from postfix_mtasts.cache.sqlite import SqliteStore, default_path
+
+    return LayeredStore(reactor, SqliteStore(reactor, cache.path or default_path()), shared)
 
 
 def build_resolvers(
@@ -353,17 +366,24 @@ class Daemon:
         self.system_addresses = SystemAddressResolver(self.reactor)
 
     async def start(self) -> None:
+        """Open the store, listen, then warm the memory front.
+
+        Nothing is logged as done until everything is: a start-up failure
+        (a store that cannot be opened, a port in use) is one line, raised as
+        :class:`StartupError` with whatever was opened closed again.
+        """
         config = self.config
         self.store = build_store(self.reactor, config)
         try:
             await self.store.open()
+        except StartupError:
+            raise
         except Exception as e:
-            raise StartupError(f"cache ({config.cache.backend}): {e}") from e
+            raise StartupError(f"cache ({config.cache.backend}): {one_line(e)}") from e
         self.lookup = build_lookup(
             self.reactor, config, self.store, self.system_addresses, freeze_loaded=True
         )
         self.lookup.fetcher = TimedFetcher(self.lookup.fetcher, self.reactor, self.counters)
-        await self.lookup.start(warm_in_background=True)
         self.responder = Responder(
             self.lookup,
             config.profiles,
@@ -381,15 +401,33 @@ class Daemon:
         for factory in (socketmap_factory, tcp_table_factory):
             factory.noisy = False
         self._factories = {"socketmap": socketmap_factory, "tcp_table": tcp_table_factory}
-        for key in _listener_keys(config):
+        keys = _listener_keys(config)
+        for key in keys:
             try:
-                await self._listen(key)
+                await self._listen(key, quiet=True)
             except StartupError:
-                await self.stop()
+                await self._abandon_start()
                 raise
         self._order_ports(config)
+        for kind, address in keys:
+            log.info("listening for %s on %s", kind, address)
+        # Lookups are answered from here on (a miss in the front reads the
+        # store); the front warms meanwhile, and start() returns once it is warm.
+        await self.lookup.start(warm_in_background=True)
+        await self.lookup.warmed()
 
-    async def _listen(self, key: ListenerKey) -> None:
+    async def _abandon_start(self) -> None:
+        """Close what a failed start opened, without logging a shutdown."""
+        for port in list(self._listeners.values()):
+            await _stop_listening(port)
+        self._listeners.clear()
+        if self.store is not None:
+            try:
+                await self.store.close()
+            except Exception as e:
+                log.debug("closing the cache after a failed start: %s", one_line(e))
+
+    async def _listen(self, key: ListenerKey, *, quiet: bool = False) -> None:
         kind, address = key
         try:
             endpoint = server_endpoint(self.reactor, address, self.listen_environment)
@@ -399,14 +437,19 @@ class Daemon:
         except Exception as e:
             raise StartupError(f"cannot listen on {address} ({kind}): {one_line(e)}") from e
         self._listeners[key] = port
-        log.info("listening for %s on %s", kind, address)
+        if not quiet:
+            log.info("listening for %s on %s", kind, address)
 
     def _order_ports(self, config: Config) -> None:
         listeners = self._listeners
         self.ports[:] = [(key[1], listeners[key]) for key in _listener_keys(config) if key in listeners]
 
-    async def stop(self) -> None:
-        """Stop accepting, let lookups in flight finish and answer, write the cache back."""
+    async def stop(self, *, quiet: bool = False) -> None:
+        """Stop accepting, let lookups in flight finish and answer, write the cache back.
+
+        ``quiet``: a start that failed after the daemon was up; the error
+        line says it all, so "stopped" is not logged.
+        """
         for port in list(self._listeners.values()):
             await _stop_listening(port)
         self._listeners.clear()
@@ -417,7 +460,8 @@ class Daemon:
         await self._close_connections()
         if self.store is not None:
             await self.store.close()
-        log.info("stopped")
+        if not quiet:
+            log.info("stopped")
 
     async def _drain_connections(self) -> None:
         """No new requests; wait (bounded) until every request received has its answer."""
@@ -593,7 +637,7 @@ class Service:
                 self._drop_privileges(user)
         except StartupError:
             await self._stop_extras()
-            await self.daemon.stop()
+            await self.daemon.stop(quiet=True)
             raise
         self.started = True
         self._start_heartbeat()
@@ -679,8 +723,9 @@ class Service:
         """What the service user must own to keep working: the SQLite files and the control socket."""
         paths: list[str] = []
         store = self.daemon.store
-        database = getattr(store, "path", None)
-        if self.config.cache.backend == "sqlite" and isinstance(database, str):
+        # The sqlite backend's file, or a shared backend's local copy.
+        database = getattr(getattr(store, "local", store), "path", None)
+        if isinstance(database, str):
             directory = os.path.dirname(os.path.abspath(database))
             # A directory of our own is handed over (SQLite creates its -wal
             # file there); a shared one like /tmp is never touched.
