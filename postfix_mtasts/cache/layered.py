@@ -119,7 +119,7 @@ class LayeredStore:
         best = merged(local, shared, now)
         if best is not None and best != local:
             try:
-                await self._put_local(best)
+                await self._put_local([best])
             except StoreUnavailable as e:
                 log.debug("%s: could not keep the shared entry locally (%s)", domain, e)
         return best
@@ -135,39 +135,46 @@ class LayeredStore:
     async def put(self, entry: CacheEntry) -> None:
         """Merge ``entry`` into the local copy (durable once this returns; a
         failure raises StoreUnavailable), then into the shared store."""
-        await self._put_local(entry)
-        await self._put_shared(entry)
+        await self.put_many([entry])
 
     async def put_many(self, entries: list[CacheEntry]) -> None:
-        for entry in entries:
-            await self._put_local(entry)
-        for entry in entries:
-            await self._put_shared(entry)
+        """Merge ``entries`` into the local copy (one transaction), then into
+        the shared store (one batch)."""
+        await self._put_local(entries)
+        await self._put_shared(entries)
 
-    async def _put_local(self, entry: CacheEntry) -> None:
+    async def _put_local(self, entries: list[CacheEntry]) -> None:
         await self._local_lock.acquire()
         try:
-            current = await self.local.get(entry.domain)
-            best = merged(current, entry, self._reactor.seconds())
-            if best is not None and best != current:
-                await self.local.put(best)
+            changed = []
+            for entry in entries:
+                current = await self.local.get(entry.domain)
+                best = merged(current, entry, self._reactor.seconds())
+                if best is not None and best != current:
+                    changed.append(best)
+            if changed:
+                await self.local.put_many(changed)
         finally:
             self._local_lock.release()
 
-    async def _put_shared(self, entry: CacheEntry) -> None:
-        """Merge into the shared store; while it is down the write is queued
-        there (and the local copy has it anyway)."""
+    async def _put_shared(self, entries: list[CacheEntry]) -> None:
+        """Merge into the shared store; while it is down the writes are queued
+        there (and the local copy has them anyway)."""
         await self._remote_lock.acquire()
         try:
-            if self._shared_up():
-                current = await self.remote.get(entry.domain)
-                if not self._shared_up():
-                    current = None  # went down just now: queue the entry as it is
-                best = merged(current, entry, self._reactor.seconds())
-                if best is None or best == current:
-                    return
-                entry = best
-            await self.remote.put(entry)
+            changed = []
+            for entry in entries:
+                if self._shared_up():
+                    current = await self.remote.get(entry.domain)
+                    if not self._shared_up():
+                        current = None  # went down just now: queue the entry as it is
+                    best = merged(current, entry, self._reactor.seconds())
+                    if best is None or best == current:
+                        continue
+                    entry = best
+                changed.append(entry)
+            if changed:
+                await self.remote.put_many(changed)
         finally:
             self._remote_lock.release()
 
@@ -232,14 +239,15 @@ class LayeredStore:
                      if entry.in_force(now) and merged(shared.get(domain), entry, now) != shared.get(domain)]
         to_local = [entry for domain, entry in shared.items()
                     if entry.in_force(now) and merged(local.get(domain), entry, now) != local.get(domain)]
-        for entry in to_local:
-            await self._put_local(entry)
+        for start in range(0, len(to_local), RECONCILE_BATCH):
+            await self._put_local(to_local[start:start + RECONCILE_BATCH])
         written = 0
-        for entry in to_shared:
+        for start in range(0, len(to_shared), RECONCILE_BATCH):
             if not self._shared_up():
                 break
-            await self._put_shared(entry)
-            written += 1
+            batch = to_shared[start:start + RECONCILE_BATCH]
+            await self._put_shared(batch)
+            written += len(batch)
         self.reconciled_to_local += len(to_local)
         self.reconciled_to_shared += written
         if written or to_local:
