@@ -15,7 +15,7 @@ import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
@@ -27,12 +27,12 @@ from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source, StoreUnavaila
 from postfix_mtasts.cache.front import MemoryFront
 from postfix_mtasts.errors import is_cancellation, log_failure
 from postfix_mtasts.policy.answer import policy_answer
-from postfix_mtasts.policy.model import Answer, AnswerKind, Mode
+from postfix_mtasts.policy.freshness import FreshnessRules, Keep, after_fetch, after_fleet, after_txt
+from postfix_mtasts.policy.model import Answer, AnswerKind
 from postfix_mtasts.policy.tlsrpt import AnswerOptions, policy_failure_answer, with_sts_attributes
 from postfix_mtasts.resolver import (
     FetchOK,
     PolicyFetcher,
-    TxtAbsent,
     TxtFound,
     TxtResolver,
 )
@@ -45,9 +45,6 @@ log = logging.getLogger("postfix_mtasts.lookup")
 #: metaclass call, and the warm-hit path compares with it on every hit.
 _FETCHED = Source.FETCHED
 
-#: How long a FAILED entry for a domain whose DNS failed is kept: short,
-#: because DNS trouble is usually brief and there is no policy to protect.
-DNS_FAILURE_RETRY = 60.0
 #: Traces of the last resolution kept for ``ctl show``.
 TRACES_KEPT = 1000
 #: How often expired entries are pruned from the store.
@@ -517,96 +514,32 @@ class PolicyLookup:
         return resolution
 
     async def _resolve(self, domain: str, previous: CacheEntry | None, force_fetch: bool) -> Resolution:
+        """Ask DNS, the fleet and HTTPS what policy.freshness needs, in that order."""
         settings = self.settings
-        now = self.reactor.seconds()
-        cached = previous if (
-            previous is not None and previous.source is Source.FETCHED and previous.in_force(now)
-        ) else None
+        rules = FreshnessRules(settings.negative_ttl_min, settings.negative_ttl_max,
+                               settings.fetch_retry_backoff)
         trace: list[str] = []
         txt = await self.txt_resolver.lookup_sts(domain)
         now = self.reactor.seconds()
         self.stats.dns_queries += 1
         if isinstance(txt, TxtFound):
             trace.append(f"TXT _mta-sts.{domain}: {txt.record!r} (id {txt.policy_id}, ttl {txt.ttl})")
-            policy_id = txt.policy_id
         else:
             trace.append(f"TXT _mta-sts.{domain}: {txt.reason}")
-            if cached is not None and not force_fetch:
-                kept = replace(cached, checked_at=now)
-                why = ("TXT record gone" if isinstance(txt, TxtAbsent) else f"DNS failed: {txt.reason}")
-                return Resolution(kept, f"{why}; cached policy {cached.policy_id} stays in force "
-                                        f"until {_stamp(cached.expires_at)}", tuple(trace))
-            if cached is None:
-                if isinstance(txt, TxtAbsent):
-                    ttl = txt.negative_ttl if txt.negative_ttl is not None else settings.negative_ttl_min
-                    ttl = min(max(float(ttl), settings.negative_ttl_min), settings.negative_ttl_max)
-                    entry = CacheEntry(domain, Source.NEGATIVE, expires_at=now + ttl, checked_at=now,
-                                       failure=txt.reason, last_used=now)
-                    return Resolution(entry, f"no MTA-STS record ({txt.reason}); "
-                                             f"remembered for {ttl:g}s", tuple(trace))
-                entry = CacheEntry(domain, Source.FAILED, expires_at=now + DNS_FAILURE_RETRY,
-                                   checked_at=now, failure=f"DNS failed: {txt.reason}", last_used=now)
-                return Resolution(entry, f"DNS failed: {txt.reason}", tuple(trace))
-            # A forced refresh of a cached policy fetches it even without the
-            # TXT record: DNS can be blocked by the very attacker the policy
-            # is there to stop (RFC 8461 §10.2).
-            policy_id = cached.policy_id
-
-        if cached is not None and cached.policy_id == policy_id and not force_fetch:
-            kept = replace(cached, checked_at=now)
-            return Resolution(kept, f"policy id {policy_id} unchanged", tuple(trace))
-        if (previous is not None and previous.failed_id == policy_id and now < previous.retry_at
-                and not force_fetch):
-            if cached is not None:
-                kept = replace(cached, checked_at=now)
-            else:
-                # The policy that outlived the failure has expired meanwhile:
-                # it must not answer again; "no usable policy" until the retry.
-                kept = CacheEntry(domain, Source.FAILED, expires_at=previous.retry_at, checked_at=now,
-                                  failed_id=policy_id, retry_at=previous.retry_at,
-                                  failure=previous.failure, last_used=previous.last_used,
-                                  failure_category=previous.failure_category)
-            return Resolution(kept, f"fetch of policy id {policy_id} failed ({previous.failure}); "
-                                    f"no retry before {_stamp(previous.retry_at)}", tuple(trace))
-
-        adopted = await self._await_fleet(domain, previous, now, policy_id)
+        step = after_txt(domain, previous, txt, now, rules, force_fetch=force_fetch)
+        if isinstance(step, Keep):
+            return Resolution(step.entry, step.why, tuple(trace))
+        adopted = await self._await_fleet(domain, previous, now, step.policy_id)
         if adopted is not None:
-            if cached is not None and (adopted.source is not Source.FETCHED or not adopted.in_force(now)):
-                # Another daemon's failure is no reason to drop a policy still in force.
-                kept = replace(cached, checked_at=now)
-                return Resolution(kept, f"another daemon of the fleet found no usable policy "
-                                        f"({adopted.failure or adopted.source.value}); cached policy "
-                                        f"{cached.policy_id} stays in force until "
-                                        f"{_stamp(cached.expires_at)}", tuple(trace))
-            return Resolution(adopted, "resolved by another daemon of the fleet", tuple(trace))
+            kept = after_fleet(step, adopted, now)
+            return Resolution(kept.entry, kept.why, tuple(trace))
         self.stats.fetches += 1
         result = await self.fetcher.fetch(domain)
-        now = self.reactor.seconds()
         trace.extend(result.trace)
-        if isinstance(result, FetchOK):
-            policy = result.policy
-            entry = CacheEntry(
-                domain, Source.FETCHED, expires_at=now + policy.max_age, checked_at=now,
-                policy_id=policy_id, policy=policy, policy_text=result.text,
-                fetched_at=now, last_used=previous.last_used if previous else now,
-            )
-            what = "refreshed" if cached is not None and cached.policy_id == policy_id else "fetched"
-            return Resolution(entry, f"policy {policy_id} {what}: mode {policy.mode.value}, "
-                                     f"max_age {policy.max_age}", tuple(trace))
-        self.stats.count_failure(result.category)
-        retry_at = now + settings.fetch_retry_backoff
-        if cached is not None:
-            kept = replace(cached, checked_at=now, failed_id=policy_id, retry_at=retry_at,
-                           failure=result.reason, failure_category=result.category)
-            warn = "" if cached.policy and cached.policy.mode is Mode.NONE else " (refresh failing)"
-            return Resolution(kept, f"fetch of policy {policy_id} failed: {result.reason}; cached policy "
-                                    f"{cached.policy_id} stays in force until "
-                                    f"{_stamp(cached.expires_at)}{warn}", tuple(trace))
-        entry = CacheEntry(domain, Source.FAILED, expires_at=retry_at, checked_at=now,
-                           failed_id=policy_id, retry_at=retry_at, failure=result.reason,
-                           failure_category=result.category,
-                           last_used=now)
-        return Resolution(entry, f"fetch failed: {result.reason}", tuple(trace))
+        if not isinstance(result, FetchOK):
+            self.stats.count_failure(result.category)
+        kept = after_fetch(domain, previous, step, result, self.reactor.seconds(), rules)
+        return Resolution(kept.entry, kept.why, tuple(trace))
 
     async def _await_fleet(
         self, domain: str, previous: CacheEntry | None, since: float, policy_id: str
@@ -850,12 +783,6 @@ def _durable_fields(entry: CacheEntry) -> tuple[Any, ...]:
     """What must reach the store; checked_at and last_used alone may lag."""
     return (entry.source, entry.policy_id, entry.policy, entry.fetched_at, entry.expires_at,
             entry.failed_id, entry.retry_at)
-
-
-def _stamp(when: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 async def _quiet(d: Deferred[Any]) -> None:

@@ -19,8 +19,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from postfix_mtasts.cache import CacheEntry, Source
-from postfix_mtasts.lookup import DNS_FAILURE_RETRY, LookupSettings, PolicyLookup, Resolution, entry_answer
+from postfix_mtasts.lookup import LookupSettings, PolicyLookup, Resolution, entry_answer
 from postfix_mtasts.policy.answer import policy_answer
+from postfix_mtasts.policy.freshness import DNS_FAILURE_RETRY
 from postfix_mtasts.policy.model import Answer, AnswerKind, Mode, Policy
 from postfix_mtasts.resolver import FailureCategory, FetchFailed, TxtAbsent, TxtFailed
 from tests.fakes import (
