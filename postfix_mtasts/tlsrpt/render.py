@@ -296,6 +296,8 @@ table { border-collapse: collapse; width: 100%; margin: .5rem 0; }
 th, td { border-bottom: 1px solid #d8dee4; padding: .3rem .5rem; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; } td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 td.type { font-family: ui-monospace, monospace; white-space: nowrap; }
+.scroll { overflow-x: auto; } #failures td { font-size: .85em; }
+#failures td:nth-child(7), #failures td:nth-child(8) { overflow-wrap: anywhere; min-width: 7em; }
 dt { font-family: ui-monospace, monospace; font-weight: bold; margin-top: 1rem; }
 dd { margin-left: 1.2rem; } .broken { color: #cf222e; }
 svg text { font: 11px system-ui, sans-serif; fill: #57606a; }
@@ -347,13 +349,14 @@ def render_html(summary: Summary, collected: Collected) -> str:
     if summary.failures:
         parts += [
             "<h2>Failures</h2>",
-            _html_table(
-                ["Result type", "Sending MTA IP", "Receiving MX hostname", "Receiving MX HELO",
-                 "Receiving IP", "Failure reason code", "Additional information", "Sessions"],
-                [[*(value or "-" for value in _fields(f).values()), f.sessions] for f in summary.failures],
+            '<div class="scroll">' + _html_table(
+                ["Result type", "Sessions", "Sending MTA IP", "Receiving MX hostname", "Receiving MX HELO",
+                 "Receiving IP", "Failure reason code", "Additional information"],
+                [[f.result_type, f.sessions, *(value or "-" for value in list(_fields(f).values())[1:])]
+                 for f in summary.failures],
                 "failures",
                 code_first=True,
-            ),
+            ) + "</div>",
         ]
     if summary.failed_without_details:
         parts.append(
