@@ -112,6 +112,7 @@ def test_what_is_odd_in_a_hand_edited_report_is_said() -> None:
 
 
 def test_real_reporters_send_no_warnings() -> None:
+    corpus()
     names = [name for name, facts in expected_files().items()
              if facts["kind"].startswith("real") and not name.startswith(("neztore", "parsedmarc_mail.ru"))]
     assert len(names) >= 12
@@ -242,6 +243,7 @@ def test_the_whole_corpus_through_the_command() -> None:
 
 
 def test_every_file_of_the_corpus_is_a_report_or_a_mail_holding_one() -> None:
+    corpus()
     for name in expected_files():
         items = list(read_path(str(corpus() / name)))
         assert not [item for item in items if isinstance(item, Broken | Ignored)], name
