@@ -270,15 +270,16 @@ def _read_message(source: str, data: bytes, depth: int) -> Iterator[Item]:
         return
     for number, (name, payload) in enumerate(attachments, start=1):
         where = f"{source} attachment {name or number}"
-        if isinstance(payload, Broken):
-            yield Broken(where, payload.reason)
+        if isinstance(payload, str):
+            yield Broken(where, payload)
         else:
             yield from read_bytes(where, payload, depth + 1)
 
 
-def _report_parts(message: Message) -> Iterator[tuple[str | None, bytes | Broken]]:
-    """The parts that hold a report: those declared one (media type or file name), and any other
-    whose content is one (gzip, zip, or JSON with RFC 8460's keys), whatever its headers say."""
+def _report_parts(message: Message) -> Iterator[tuple[str | None, bytes | str]]:
+    """The parts that hold a report, by file name and content (or why an empty one cannot be read):
+    those declared one (media type or file name), and any other whose content is one (gzip, zip,
+    or JSON with RFC 8460's keys), whatever its headers say."""
     for part in message.walk():
         if part.is_multipart():
             continue
@@ -286,7 +287,7 @@ def _report_parts(message: Message) -> Iterator[tuple[str | None, bytes | Broken
         payload = payload if isinstance(payload, bytes) else b""
         declared = _declared_report(part)
         if declared and not payload.strip():
-            yield part.get_filename(), Broken("", f"empty {part.get_content_type()} attachment")
+            yield part.get_filename(), f"empty {part.get_content_type()} attachment"
             continue
         if not looks_like_report(payload):
             unwrapped = _unwrapped_base64(payload)
@@ -319,7 +320,7 @@ def _unwrapped_base64(payload: bytes) -> bytes | None:
 _BASE64_BLOCK = re.compile(rb"(?m)^(?:H4sI|UEsDB)[A-Za-z0-9+/=]*\r?$(?:\n[A-Za-z0-9+/=]+\r?$)*")
 
 
-def _embedded_reports(message: Message) -> Iterator[tuple[str | None, bytes | Broken]]:
+def _embedded_reports(message: Message) -> Iterator[tuple[str | None, bytes | str]]:
     """Reports inside the text of a message whose MIME structure is broken (a garbled
     multipart Content-Type leaves the attachments as plain text): base64 blocks of a gzip or
     zip, and JSON objects that name RFC 8460's keys."""
