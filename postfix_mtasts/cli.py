@@ -220,7 +220,8 @@ def _serve(reactor: Any, config: Any, verbosity: int = 0) -> int:
 
     from twisted.internet.defer import Deferred
 
-    from postfix_mtasts.service import ReloadRefused, Service, StartupError
+    from postfix_mtasts.errors import ReloadRefused, StartupError
+    from postfix_mtasts.service import Service
     from postfix_mtasts.sysmem import tune_collector
 
     tune_collector()

@@ -61,3 +61,5 @@ STORE_OPEN_DEADLINE = 5.0
 #: when no nameservers are configured; a lookup waiting for a thread still
 #: counts against its fetch deadline.
 ADDRESS_LOOKUP_THREADS = 8
+#: Upper bounds (seconds) of the policy fetch duration histogram's buckets.
+FETCH_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

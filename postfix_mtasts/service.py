@@ -31,7 +31,8 @@ from twisted.python.failure import Failure
 from postfix_mtasts import __version__
 from postfix_mtasts.cache import IPolicyStore, Source
 from postfix_mtasts.config import Config, ConfigError, ListenAddress, Nameserver, load_config
-from postfix_mtasts.errors import one_line
+from postfix_mtasts.errors import ReloadRefused, StartupError, one_line
+from postfix_mtasts.limits import FETCH_BUCKETS
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop
@@ -55,20 +56,10 @@ CLOSE_GRACE = 5.0
 DRAIN_POLL = 0.05
 #: How often the status line shown by ``systemctl status`` is refreshed.
 STATUS_INTERVAL = 30.0
-#: Upper bounds (seconds) of the policy fetch duration buckets.
-FETCH_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Name of the runtime and state directories a daemon may hand to its user.
 OWN_DIRECTORY_NAME = "postfix-mtasts"
 #: Side files of an SQLite database in WAL mode, handed over with it.
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
-
-
-class StartupError(Exception):
-    """The daemon cannot start; ``str(e)`` is one line for the admin."""
-
-
-class ReloadRefused(Exception):
-    """A new configuration was not applied; ``str(e)`` is one line for the admin."""
 
 
 def nameserver_strings(nameservers: tuple[Nameserver, ...]) -> list[str]:
@@ -162,7 +153,9 @@ def build_resolvers(
     which follows the same configuration and costs far less CPU; with them,
     from dnspython asking those servers.
     """
-    dns = DnsResolver(nameserver_strings(config.resolver.nameservers), timeout=config.resolver.dns_timeout)
+    dns = DnsResolver(
+        nameserver_strings(config.resolver.nameservers), timeout=config.resolver.dns_timeout, reactor=reactor
+    )
     addresses: AddressResolver = dns
     if not config.resolver.nameservers:
         addresses = system_addresses or SystemAddressResolver(reactor)
@@ -181,7 +174,9 @@ def build_dane(reactor: Any, config: Config) -> DaneCache | None:
     resolver is named (the config requires one for any profile with dane)."""
     if not config.dane.nameservers:
         return None
-    resolver = DaneResolver(nameserver_strings(config.dane.nameservers), timeout=config.dane.timeout)
+    resolver = DaneResolver(
+        nameserver_strings(config.dane.nameservers), timeout=config.dane.timeout, reactor=reactor
+    )
     return DaneCache(reactor, resolver.check, config.cache.memory_entries)
 
 
@@ -303,7 +298,7 @@ class TrackingSocketmapFactory(SocketmapFactory):
         self.connections = connections
 
     def buildProtocol(self, addr: Any) -> SocketmapProtocol:
-        protocol = _TrackedSocketmapProtocol(self.responder, self.idle_timeout, self.clock)
+        protocol = _TrackedSocketmapProtocol(self.responder, self.idle_timeout, clock=self.clock)
         protocol.factory = self
         return protocol
 
@@ -314,7 +309,9 @@ class TrackingTcpTableFactory(TcpTableFactory):
         self.connections = connections
 
     def buildProtocol(self, addr: Any) -> TcpTableProtocol:
-        protocol = _TrackedTcpTableProtocol(self.responder, self.idle_timeout, self.profile, self.clock)
+        protocol = _TrackedTcpTableProtocol(
+            self.responder, self.idle_timeout, self.profile, clock=self.clock
+        )
         protocol.factory = self
         return protocol
 

@@ -123,11 +123,10 @@ class _Reply:
 
 
 class DaneResolver:
-    """Asks one trusted validating resolver (with the DO bit) about MX and TLSA,
-    on ``reactor`` (the global one when None, looked up at the first query)."""
+    """Asks one trusted validating resolver (with the DO bit) about MX and TLSA, on ``reactor``."""
 
     def __init__(
-        self, nameservers: Sequence[str], timeout: float = limits.DNS_TIMEOUT, *, reactor: Any = None
+        self, nameservers: Sequence[str], timeout: float = limits.DNS_TIMEOUT, *, reactor: Any
     ) -> None:
         if not nameservers:
             raise ValueError("DANE needs the address of a DNSSEC-validating resolver")

@@ -152,8 +152,7 @@ class DnsResolver:
     Without ``nameservers`` it uses the system's resolv.conf; otherwise only
     the given ``ADDRESS[:PORT]`` servers. dnspython's cache stays off (the
     policy cache above decides what to remember); EDNS0 is on and truncated
-    UDP answers are retried over TCP. Queries run on ``reactor`` (the global
-    one when None, looked up at the first query).
+    UDP answers are retried over TCP. Queries run on ``reactor``.
     """
 
     def __init__(
@@ -161,8 +160,8 @@ class DnsResolver:
         nameservers: Sequence[str] = (),
         timeout: float = limits.DNS_TIMEOUT,
         *,
+        reactor: Any,
         resolv_conf: str = RESOLV_CONF,
-        reactor: Any = None,
     ) -> None:
         self.timeout = float(timeout)
         self._backend = TwistedBackend(reactor)
