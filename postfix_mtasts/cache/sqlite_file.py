@@ -272,7 +272,7 @@ class DatabaseLock:
             text = _read_lock(fd)
             if text and LOCK_PATTERN.fullmatch(text) is None:
                 raise StoreError(
-                    f"lock file {self.path} was not made by postfix-mtasts; it is left untouched:"
+                    f"lock file {self.path} was not made by postfix-mtasts; left untouched:"
                     " remove it if nothing else uses it, or set cache.path to another file"
                 )
             os.ftruncate(fd, 0)
