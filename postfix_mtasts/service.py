@@ -59,8 +59,9 @@ STATUS_INTERVAL = 30.0
 FETCH_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Name of the runtime and state directories a daemon may hand to its user.
 OWN_DIRECTORY_NAME = "postfix-mtasts"
-#: Side files of an SQLite database in WAL mode, handed over with it.
-SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+#: Side files of an SQLite database in WAL mode, and its lock file
+#: (cache/sqlite_file.py), handed over with it.
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
 
 
 class StartupError(Exception):
