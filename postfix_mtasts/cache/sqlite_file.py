@@ -4,8 +4,11 @@ Before SQLite opens the configured file (and so may write to it or create
 files beside it), its header is read by hand. A file that is not an SQLite
 database, or is another program's, is refused and left exactly as it was
 found. A database is this daemon's when its ``application_id`` is
-:data:`APPLICATION_ID`, or, made before the id was set, when it holds exactly
-the tables the cache's schema creates; such a database is adopted and stamped.
+:data:`APPLICATION_ID`, or, made before the id was set, when its schema is
+exactly what the migrations up to its ``user_version`` create; such a
+database is adopted and stamped. A new database is built under a temporary
+name and linked into place, so the path never names a half-made (say empty)
+file: an empty file there is someone else's.
 
 A second daemon is kept off the file by an ``flock`` on ``<path>.lock``, which
 holds the holder's pid; the kernel releases it when the process dies, however
