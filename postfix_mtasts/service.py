@@ -58,8 +58,9 @@ DRAIN_POLL = 0.05
 STATUS_INTERVAL = 30.0
 #: Name of the runtime and state directories a daemon may hand to its user.
 OWN_DIRECTORY_NAME = "postfix-mtasts"
-#: Side files of an SQLite database in WAL mode, handed over with it.
-SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+#: Side files of an SQLite database in WAL mode, and its lock file
+#: (cache/sqlite_file.py), handed over with it.
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
 
 
 def nameserver_strings(nameservers: tuple[Nameserver, ...]) -> list[str]:
