@@ -202,7 +202,7 @@ class ControlHandler:
 
     async def _refresh_all(self, lookup: PolicyLookup) -> list[dict[str, str]]:
         """Refresh every cached domain, at most refresh_concurrency at a time."""
-        limit = DeferredSemaphore(max(1, lookup.settings.refresh_concurrency))
+        limit = DeferredSemaphore(max(1, lookup.settings.policy.refresh_concurrency))
         domains = sorted(entry.domain for entry in lookup.front.entries())
 
         async def one(domain: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from postfix_mtasts import limits
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source, StoreUnavailable
 from postfix_mtasts.cache.front import MemoryFront
+from postfix_mtasts.config import Config, PolicyConfig
 from postfix_mtasts.errors import is_cancellation, log_failure
 from postfix_mtasts.policy.answer import policy_answer
 from postfix_mtasts.policy.freshness import FreshnessRules, Keep, after_fetch, after_fleet, after_txt
@@ -51,6 +52,8 @@ TRACES_KEPT = 1000
 PRUNE_INTERVAL = 3600.0
 #: How often last-used times are written back to the store.
 TOUCH_FLUSH_INTERVAL = 600.0
+#: A fleet lease outlives the fetch it covers by this much (seconds).
+LEASE_MARGIN = 5.0
 #: How long a daemon waits for another fleet member that holds the lease.
 LEASE_WAIT = 10.0
 LEASE_POLL = 0.25
@@ -65,22 +68,22 @@ REFRESH_SLOT = 60.0
 
 @dataclass(frozen=True, slots=True)
 class LookupSettings:
-    """The ``[policy]`` and ``[cache]`` knobs the lookup obeys."""
+    """What the lookup obeys: the ``[policy]`` section as the configuration
+    parsed it, and the few values it takes from other sections."""
 
-    recheck_interval: float = limits.RECHECK_INTERVAL
-    recheck_deadline: float = limits.RECHECK_DEADLINE
-    first_lookup_deadline: float = limits.FIRST_LOOKUP_DEADLINE
-    temp_on_first_lookup_timeout: bool = False
-    fetch_retry_backoff: float = limits.FETCH_RETRY_BACKOFF
-    negative_ttl_min: float = limits.NEGATIVE_TTL_MIN
-    negative_ttl_max: float = limits.NEGATIVE_TTL_MAX
-    refresh_after: float = limits.REFRESH_AFTER
-    refresh_concurrency: int = limits.REFRESH_CONCURRENCY
-    refresh_jitter: float = limits.REFRESH_JITTER
-    refresh_idle_limit: float = limits.REFRESH_IDLE_LIMIT
-    refresh_scan_interval: float = limits.REFRESH_SCAN_INTERVAL
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     memory_entries: int = limits.MEMORY_ENTRIES
-    lease_ttl: float = limits.FETCH_TIMEOUT + 5.0
+    #: How long a fleet lease lasts: a fetch's bound plus LEASE_MARGIN.
+    lease_ttl: float = limits.FETCH_TIMEOUT + LEASE_MARGIN
+    refresh_scan_interval: float = limits.REFRESH_SCAN_INTERVAL
+
+    @classmethod
+    def from_config(cls, config: Config) -> LookupSettings:
+        return cls(
+            policy=config.policy,
+            memory_entries=config.cache.memory_entries,
+            lease_ttl=config.resolver.fetch_timeout + LEASE_MARGIN,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +173,7 @@ class PolicyLookup:
         # the policy does not queue it again.
         self._refresh_wheel: dict[int, list[str]] = {}
         self._refresh_slot = min(REFRESH_SLOT, settings.refresh_scan_interval)
-        self._refresh_limit = DeferredSemaphore(max(1, settings.refresh_concurrency))
+        self._refresh_limit = DeferredSemaphore(max(1, settings.policy.refresh_concurrency))
         self._refreshing: set[str] = set()
         self._touched: dict[str, float] = {}
         self._calls: list[IDelayedCall] = []
@@ -295,7 +298,7 @@ class PolicyLookup:
         entry = slot.entry
         now = self.reactor.seconds()
         if now >= entry.expires_at or (entry.source is _FETCHED
-                                       and now - entry.checked_at >= self.settings.recheck_interval):
+                                       and now - entry.checked_at >= self.settings.policy.recheck_interval):
             return None
         answers = slot.answers
         answer = None if answers is None else answers.get(wanted.code)
@@ -365,7 +368,7 @@ class PolicyLookup:
             self._touched[domain] = now
             if self._recheck_due(entry, now):
                 shared = self._resolve_shared(domain)
-                left = self._time_left(domain, self.settings.recheck_deadline)
+                left = self._time_left(domain, self.settings.policy.recheck_deadline)
                 try:
                     resolution = await self._wait(shared, left)
                     entry = resolution.entry
@@ -373,19 +376,19 @@ class PolicyLookup:
                     if domain not in self._slow_checks_noted:  # one line per slow check
                         self._slow_checks_noted.add(domain)
                         log.info("%s: TXT check still running after %.1fs; answering from the cache",
-                                 domain, self.settings.recheck_deadline)
+                                 domain, self.settings.policy.recheck_deadline)
                 except Exception:
                     pass  # logged in _resolve_shared; the cached entry stands
             return self._entry_answer(entry, enforce_testing)
         self.stats.misses += 1
         # The store was read just above: the resolution starts from what it said.
         shared = self._resolve_shared(domain, stored=stored, store_read=True)
-        left = self._time_left(domain, self.settings.first_lookup_deadline)
+        left = self._time_left(domain, self.settings.policy.first_lookup_deadline)
         try:
             resolution = await self._wait(shared, left)
         except TimeoutError:
-            why = f"discovery still running after {self.settings.first_lookup_deadline:g}s"
-            if self.settings.temp_on_first_lookup_timeout:
+            why = f"discovery still running after {self.settings.policy.first_lookup_deadline:g}s"
+            if self.settings.policy.on_first_lookup_timeout == "temp":
                 log.info("%s: TEMP (%s; will answer from the result when it lands)", domain, why)
                 return Answer.temp(f"MTA-STS discovery for {domain} in progress")
             log.info("%s: not found (%s; RFC 8461 treats this as no policy)", domain, why)
@@ -399,7 +402,7 @@ class PolicyLookup:
     def _recheck_due(self, entry: CacheEntry, now: float) -> bool:
         return (
             entry.source is Source.FETCHED
-            and now - entry.checked_at >= self.settings.recheck_interval
+            and now - entry.checked_at >= self.settings.policy.recheck_interval
         )
 
     def _time_left(self, domain: str, deadline: float) -> float:
@@ -516,8 +519,8 @@ class PolicyLookup:
     async def _resolve(self, domain: str, previous: CacheEntry | None, force_fetch: bool) -> Resolution:
         """Ask DNS, the fleet and HTTPS what policy.freshness needs, in that order."""
         settings = self.settings
-        rules = FreshnessRules(settings.negative_ttl_min, settings.negative_ttl_max,
-                               settings.fetch_retry_backoff)
+        rules = FreshnessRules(settings.policy.negative_ttl_min, settings.policy.negative_ttl_max,
+                               settings.policy.fetch_retry_backoff)
         trace: list[str] = []
         txt = await self.txt_resolver.lookup_sts(domain)
         now = self.reactor.seconds()
@@ -606,8 +609,8 @@ class PolicyLookup:
 
     def _refresh_due_at(self, entry: CacheEntry) -> float:
         assert entry.policy is not None
-        age_limit = min(self.settings.refresh_after, entry.policy.max_age / 2)
-        jitter = self._rng.uniform(0, min(self.settings.refresh_jitter, age_limit / 4))
+        age_limit = min(self.settings.policy.refresh_after, entry.policy.max_age / 2)
+        jitter = self._rng.uniform(0, min(self.settings.policy.refresh_jitter, age_limit / 4))
         # A refresh that failed is not tried again before its back-off.
         return max(entry.fetched_at + age_limit + jitter, entry.retry_at)
 
@@ -711,7 +714,7 @@ class PolicyLookup:
                 if entry is None or domain in self._refreshing:
                     continue  # already running: it queues the next refresh when done
                 last_used = max(entry.last_used, self._touched.get(domain, 0.0))
-                if now - last_used > self.settings.refresh_idle_limit:
+                if now - last_used > self.settings.policy.refresh_idle_limit:
                     log.info("%s: not refreshed, unused for %.0f days; the policy stays until it expires",
                              domain, (now - last_used) / 86400)
                     continue
@@ -724,7 +727,7 @@ class PolicyLookup:
     def _refresh_slots(self) -> DeferredSemaphore:
         """The semaphore bounding refreshes, renewed when a reload changed
         ``refresh_concurrency`` (refreshes holding the old one finish on it)."""
-        wanted = max(1, self.settings.refresh_concurrency)
+        wanted = max(1, self.settings.policy.refresh_concurrency)
         if self._refresh_limit.limit != wanted:
             self._refresh_limit = DeferredSemaphore(wanted)
         return self._refresh_limit

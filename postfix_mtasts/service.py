@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from postfix_mtasts import __version__
 from postfix_mtasts.cache import IPolicyStore, Source
-from postfix_mtasts.config import Config, ConfigError, ListenAddress, Nameserver, load_config
+from postfix_mtasts.config import Config, ConfigError, ListenAddress, load_config
 from postfix_mtasts.errors import ReloadRefused, StartupError, one_line
 from postfix_mtasts.limits import FETCH_BUCKETS
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
@@ -61,29 +61,6 @@ OWN_DIRECTORY_NAME = "postfix-mtasts"
 #: Side files of an SQLite database in WAL mode, and its lock file
 #: (cache/sqlite_file.py), handed over with it.
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
-
-
-def nameserver_strings(nameservers: tuple[Nameserver, ...]) -> list[str]:
-    return [str(ns) for ns in nameservers]
-
-
-def lookup_settings(config: Config) -> LookupSettings:
-    policy = config.policy
-    return LookupSettings(
-        recheck_interval=policy.recheck_interval,
-        recheck_deadline=policy.recheck_deadline,
-        first_lookup_deadline=policy.first_lookup_deadline,
-        temp_on_first_lookup_timeout=policy.on_first_lookup_timeout == "temp",
-        fetch_retry_backoff=policy.fetch_retry_backoff,
-        negative_ttl_min=policy.negative_ttl_min,
-        negative_ttl_max=policy.negative_ttl_max,
-        refresh_after=policy.refresh_after,
-        refresh_concurrency=policy.refresh_concurrency,
-        refresh_jitter=policy.refresh_jitter,
-        refresh_idle_limit=policy.refresh_idle_limit,
-        memory_entries=config.cache.memory_entries,
-        lease_ttl=config.resolver.fetch_timeout + 5.0,
-    )
 
 
 def build_store(reactor: Any, config: Config) -> IPolicyStore:
@@ -155,7 +132,7 @@ def build_resolvers(
     from dnspython asking those servers.
     """
     dns = DnsResolver(
-        nameserver_strings(config.resolver.nameservers), timeout=config.resolver.dns_timeout, reactor=reactor
+        config.resolver.nameservers, timeout=config.resolver.dns_timeout, reactor=reactor
     )
     addresses: AddressResolver = dns
     if not config.resolver.nameservers:
@@ -176,7 +153,7 @@ def build_dane(reactor: Any, config: Config) -> DaneCache | None:
     if not config.dane.nameservers:
         return None
     resolver = DaneResolver(
-        nameserver_strings(config.dane.nameservers), timeout=config.dane.timeout, reactor=reactor
+        config.dane.nameservers, timeout=config.dane.timeout, reactor=reactor
     )
     return DaneCache(reactor, resolver.check, config.cache.memory_entries)
 
@@ -192,7 +169,8 @@ def build_lookup(
     dns, fetcher = build_resolvers(reactor, config, system_addresses)
     dane = build_dane(reactor, config)
     return PolicyLookup(
-        reactor, dns, fetcher, store, lookup_settings(config), dane=dane, freeze_loaded=freeze_loaded
+        reactor, dns, fetcher, store, LookupSettings.from_config(config), dane=dane,
+        freeze_loaded=freeze_loaded,
     )
 
 
@@ -531,8 +509,9 @@ class Daemon:
         self.responder.bracketed = BracketedNextHop(new.policy.bracketed_next_hop)
         if new.policy != old.policy:
             notes.append("policy settings")
+        # The front's size is fixed at start ([cache] changes need a restart).
         self.lookup.settings = replace(
-            lookup_settings(new), memory_entries=self.lookup.settings.memory_entries
+            LookupSettings.from_config(new), memory_entries=self.lookup.settings.memory_entries
         )
         if new.resolver != old.resolver:
             dns, fetcher = build_resolvers(self.reactor, new, self.system_addresses)

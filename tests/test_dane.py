@@ -22,7 +22,7 @@ from twisted.internet.testing import StringTransport
 
 from postfix_mtasts.cache.memory import MemoryStore
 from postfix_mtasts.codec import socketmap, tcptable
-from postfix_mtasts.config import Profile
+from postfix_mtasts.config import PolicyConfig, Profile
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.policyfile import parse_policy
@@ -229,7 +229,8 @@ def rig(validating: unbound.ValidatingResolver) -> Iterator[Rig]:
     dns.set(f"nosts.{ZONE}", TxtAbsent("no record"))
     counting = CountingResolver(DaneResolver([validating.nameserver], timeout=5, reactor=global_reactor))
     lookup = PolicyLookup(
-        global_reactor, dns, https, opened(MemoryStore()), LookupSettings(recheck_interval=10.0**9),
+        global_reactor, dns, https, opened(MemoryStore()),
+        LookupSettings(PolicyConfig(recheck_interval=10.0**9)),
         dane=DaneCache(global_reactor, counting.check),
     )
     profiles = {"postfix": Profile(), "dane": Profile(dane=True), "danerpt": Profile(dane=True, tlsrpt=True)}
@@ -308,5 +309,5 @@ def test_service_wires_the_configured_validating_resolver() -> None:
     from postfix_mtasts.service import build_lookup
 
     config = parse_config('[profiles.strict]\ndane = true\n[dane]\nnameservers = ["127.0.0.1:8053"]\n')
-    assert isinstance(build_lookup(Clock(), config, MemoryStore()).dane, DaneCache)
-    assert build_lookup(Clock(), parse_config(""), MemoryStore()).dane is None
+    assert isinstance(build_lookup(global_reactor, config, MemoryStore()).dane, DaneCache)
+    assert build_lookup(global_reactor, parse_config(""), MemoryStore()).dane is None
