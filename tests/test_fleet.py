@@ -1,4 +1,4 @@
-"""A fleet of daemons sharing one Redis or PostgreSQL store (issue 4), end to end.
+"""A fleet of daemons sharing one Redis or PostgreSQL store, end to end.
 
 Real in-process daemons on the real reactor, one loopback World (DNS and
 policy host), and a real Redis or PostgreSQL on 127.0.0.1 under a key prefix

@@ -1,4 +1,4 @@
-"""Nothing learnt is lost on restart (issue 3): the real daemon, stopped cleanly
+"""Nothing learnt is lost on restart: the real daemon, stopped cleanly
 or killed with SIGKILL, comes back on the same SQLite file and answers every
 policy it had answered, with DNS and HTTPS broken; a corrupt file is kept
 aside and the daemon starts clean."""

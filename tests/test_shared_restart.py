@@ -1,4 +1,4 @@
-"""Shared stores never downgrade a policy through restarts, outages and wipes (issue 16).
+"""Shared stores never downgrade a policy through restarts, outages and wipes.
 
 The real ``postfix-mtasts serve`` as a subprocess with ``backend = "redis"``
 or ``"postgresql"`` (the real servers on 127.0.0.1, each test under a Redis
