@@ -277,8 +277,8 @@ def _serve(reactor: Any, config: Any, verbosity: int = 0) -> int:
 
 
 def _query(reactor: Any, config: Any, domain_text: str, profile_name: str) -> int:
+    from postfix_mtasts.answers import entry_answer
     from postfix_mtasts.cache.memory import MemoryStore
-    from postfix_mtasts.lookup import entry_answer
     from postfix_mtasts.policy.model import AnswerKind
     from postfix_mtasts.policy.nexthop import BracketedNextHop, Resolve, classify_key
     from postfix_mtasts.policy.tlsrpt import AnswerOptions
