@@ -573,6 +573,15 @@ def test_example_file_uncommented_gives_the_defaults() -> None:
     assert expected - shown == set()
 
 
+def test_example_file_names_every_default_cache_location() -> None:
+    """The cache.path comment lists, in order, where sqlite.default_path looks."""
+    comment = EXAMPLE.read_text().split("[cache]", 1)[1].split("#path", 1)[0]
+    places = ("$STATE_DIRECTORY/cache.sqlite3", "/var/lib/postfix-mtasts/cache.sqlite3",
+              "$XDG_STATE_HOME/postfix-mtasts/cache.sqlite3")
+    positions = [comment.find(place) for place in places]
+    assert -1 not in positions and positions == sorted(positions), comment
+
+
 def test_example_file_documents_main_cf() -> None:
     assert "smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix" in EXAMPLE.read_text()
 
