@@ -42,6 +42,10 @@ from postfix_mtasts.stats import LookupStats
 from postfix_mtasts.sysmem import loading_long_lived, release_free_memory
 
 log = logging.getLogger("postfix_mtasts.lookup")
+#: The one line per resolution (domain, answer, why), on a logger of its own so
+#: that ``query``, which prints the same as its "result:" line, can quiet it.
+RESULT_LOGGER = "postfix_mtasts.lookup.result"
+result_log = logging.getLogger(RESULT_LOGGER)
 #: Source.FETCHED, read once: an enum member looked up on its class costs a
 #: metaclass call, and the warm-hit path compares with it on every hit.
 _FETCHED = Source.FETCHED
@@ -513,7 +517,7 @@ class PolicyLookup:
         self._trace(domain, resolution)
         answer = entry_answer(entry, False)
         level = logging.INFO if changed or entry.source is not Source.FETCHED else logging.DEBUG
-        log.log(level, "%s: %s (%s)", domain, _describe(answer), resolution.why)
+        result_log.log(level, "%s: %s (%s)", domain, _describe(answer), resolution.why)
         return resolution
 
     async def _resolve(self, domain: str, previous: CacheEntry | None, force_fetch: bool) -> Resolution:
