@@ -260,5 +260,7 @@ async def test_query_with_an_unknown_profile_says_one_line(world: World, tmp_pat
     result = await query(world, tmp_path, ENFORCE, "--profile", "nope")
 
     assert result.code == 2, result
-    assert result.stderr_lines == ["postfix-mtasts: unknown profile 'nope'; configured: postfix, strict"]
+    assert result.stderr_lines == [
+        "postfix-mtasts: unknown profile 'nope'; configured: postfix, postfix310, strict"
+    ]
     assert world.dns.queries == []
