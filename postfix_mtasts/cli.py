@@ -24,6 +24,7 @@ SYSTEMD_LISTEN_ENVIRONMENT = {name: value for name, value in os.environ.items() 
 
 from postfix_mtasts import __version__, tlsrpt  # noqa: E402
 from postfix_mtasts import check as check_command  # noqa: E402
+from postfix_mtasts import doctor as doctor_command  # noqa: E402
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("domain", help="a next-hop domain as Postfix would send it")
     query.add_argument("--profile", default="postfix", help="socketmap name / profile (default: postfix)")
     check_command.add_check_parser(commands, common)
+    doctor_command.add_doctor_parser(commands, common)
     tlsrpt.add_parser(commands)
 
     ctl = commands.add_parser(
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"postfix-mtasts: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if args.command == "doctor":  # runs postconf and postmap: no reactor, no logging set-up
+        return doctor_command.run_doctor(config, args)
     if args.command == "ctl":
         from postfix_mtasts.control import client_socket_path
 
