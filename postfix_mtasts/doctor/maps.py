@@ -86,7 +86,10 @@ def listens_at(table: TableRef, address: ListenAddress, view: PostfixView) -> bo
     if table.transport == "unix":
         looker = view.looker(table)
         seen = client_socket_path(table.path, view.queue_directory, bool(looker and looker.chrooted))
-        return seen == os.path.normpath(address.path)
+        # The path as written counts too: meant for the daemon, even if a
+        # chroot moves it (the lookup then shows where Postfix looks).
+        written = os.path.normpath(os.path.join(view.queue_directory, table.path))
+        return os.path.normpath(address.path) in (seen, written)
     if table.port != address.port:
         return False
     hosts = _LOOPBACK_NAMES.get(table.host.lower(), (table.host,))
@@ -168,7 +171,7 @@ def policy_map_findings(view: PostfixView, config: Config) -> tuple[list[Finding
                 f"in main.cf: smtp_tls_policy_maps = {suggestion} (then: postfix reload)",
             )
         )
-    elif not ours:
+    elif not ours and not any(table.problem for table in tables):  # else the ✗ above has the fix
         findings.append(
             Finding.error(
                 Topic.POLICY_MAPS,
