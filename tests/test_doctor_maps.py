@@ -180,6 +180,31 @@ MAP_CASES = [
         id="proxy-not-approved",
     ),
     pytest.param(
+        "socketmap:inet:localhost:8461:postfix",
+        '[listen]\nsocketmap = ["inet:localhost:8461"]\n',
+        [
+            Expect(Level.OK, Topic.POLICY_MAPS, "names the daemon"),
+            Expect(Level.WARNING, Topic.LOOKUP, "'localhost' is resolved inside the chroot"),
+        ],
+        id="host-name-on-both-sides",
+    ),
+    pytest.param(
+        "hash:/x",
+        '[listen]\nsocketmap = ["inet:[::]:8461"]\n',
+        [
+            Expect(
+                Level.ERROR, Topic.POLICY_MAPS, "names no table", "hash:/x, socketmap:inet:[::1]:8461:postfix"
+            )
+        ],
+        id="suggests-loopback-for-a-wildcard-listener",
+    ),
+    pytest.param(
+        "socketmap:inet:[::1]:8461:postfix",
+        '[listen]\nsocketmap = ["inet:[::]:8461"]\n',
+        [Expect(Level.OK, Topic.POLICY_MAPS, "names the daemon")],
+        id="wildcard-listener",
+    ),
+    pytest.param(
         "tcp:127.0.0.1:8462",
         '[listen]\ntcp_table = ["inet:127.0.0.1:8462"]\n',
         [Expect(Level.OK, Topic.POLICY_MAPS, "tcp:127.0.0.1:8462 (profile postfix)")],

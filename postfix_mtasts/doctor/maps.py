@@ -33,6 +33,8 @@ TCP_TABLE_PROFILE = DEFAULT_PROFILE
 #: Addresses a listener on every interface answers at.
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
 _LOOPBACK_NAMES = {"localhost": ("127.0.0.1", "::1")}
+#: Where a client on this host reaches a listener on every interface.
+_WILDCARD_CLIENT = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,7 @@ def listens_at(table: TableRef, address: ListenAddress, view: PostfixView) -> bo
         return os.path.normpath(address.path) in (seen, written)
     if table.port != address.port:
         return False
-    hosts = _LOOPBACK_NAMES.get(table.host.lower(), (table.host,))
+    hosts = (table.host, *_LOOPBACK_NAMES.get(table.host.lower(), ()))
     return address.host in _WILDCARD_HOSTS or any(_same_host(host, address.host) for host in hosts)
 
 
@@ -124,19 +126,22 @@ def suggested_table(config: Config, view: PostfixView) -> str:
     """The table main.cf should name for this daemon's first listener."""
     for address in config.listen.socketmap:
         if address.kind == "inet":
-            host = f"[{address.host}]" if ":" in address.host else address.host
-            host = "127.0.0.1" if address.host == "0.0.0.0" else host
-            return f"socketmap:inet:{host}:{address.port}:{DEFAULT_PROFILE}"
+            return f"socketmap:inet:{_client_host(address.host)}:{address.port}:{DEFAULT_PROFILE}"
         if address.kind == "unix":
             queue = view.queue_directory.rstrip("/") + "/"
             path = address.path[len(queue):] if address.path.startswith(queue) else address.path
             return f"socketmap:unix:{path}:{DEFAULT_PROFILE}"
     for address in config.listen.tcp_table:
         if address.kind == "inet":
-            host = f"[{address.host}]" if ":" in address.host else address.host
-            return f"tcp:{host}:{address.port}"
+            return f"tcp:{_client_host(address.host)}:{address.port}"
     # A systemd socket: the shipped .socket unit listens where the default does.
     return f"socketmap:{DEFAULT_SOCKETMAP_ADDRESS}:{DEFAULT_PROFILE}"
+
+
+def _client_host(host: str) -> str:
+    """How a client names ``host``: a wildcard as loopback, IPv6 in brackets."""
+    host = _WILDCARD_CLIENT.get(host, host)
+    return f"[{host}]" if ":" in host else host
 
 
 def listening_at(config: Config) -> str:
