@@ -71,7 +71,7 @@ MAP_CASES = [
             Expect(
                 Level.ERROR,
                 Topic.POLICY_MAPS,
-                "names no table of this daemon (it listens on inet:127.0.0.1:8461)",
+                "names no table of this daemon (it listens on inet:127.0.0.1:8461 per /etc/postfix-mtasts",
                 f"smtp_tls_policy_maps = hash:/etc/postfix/tls_policy, {DAEMON}",
             )
         ],

@@ -144,6 +144,13 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _per(config: Config) -> str:
+    """Where the listen addresses come from; the defaults may mean --config was forgotten."""
+    if config.source == "<defaults>":
+        return " by default; give doctor the daemon's --config if it has one"
+    return f" per {config.source}"
+
+
 def listening_at(config: Config) -> str:
     addresses = [*config.listen.socketmap, *config.listen.tcp_table]
     return ", ".join(str(address) for address in addresses)
@@ -181,7 +188,7 @@ def policy_map_findings(view: PostfixView, config: Config) -> tuple[list[Finding
             Finding.error(
                 Topic.POLICY_MAPS,
                 f"smtp_tls_policy_maps = {value}: names no table of this daemon "
-                f"(it listens on {listening_at(config)})",
+                f"(it listens on {listening_at(config)}{_per(config)})",
                 "no MTA-STS policy is enforced; mail goes out at smtp_tls_security_level",
                 f"in main.cf: smtp_tls_policy_maps = {', '.join([value, suggestion])} "
                 "(your maps first: the first match wins)",
