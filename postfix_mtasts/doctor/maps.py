@@ -171,7 +171,7 @@ def policy_map_findings(view: PostfixView, config: Config) -> tuple[list[Finding
                     Topic.POLICY_MAPS,
                     f"smtp_tls_policy_maps: {table.text} is {table.problem}",
                     "Postfix cannot open this table, and defers mail whose TLS policy it cannot look up",
-                    f"smtp_tls_policy_maps = {_replace(tables, table, suggestion)}",
+                    f"in main.cf: smtp_tls_policy_maps = {_replace(tables, table, suggestion)}",
                 )
             )
     if not tables:
@@ -224,8 +224,9 @@ def _shadowed(first: DaemonTable, again: DaemonTable) -> Finding:
     return Finding.warning(
         Topic.POLICY_MAPS,
         f"smtp_tls_policy_maps names the daemon again: {again.table.text}",
-        f"it is asked only for domains {first.table.text} answers not found, which it answers the same",
-        f"remove {again.table.text} from smtp_tls_policy_maps",
+        f"it is asked only for domains {first.table.text} answers not found; it changes something "
+        "only if its profile enforces what the first leaves out (enforce_testing)",
+        f"in main.cf: remove {again.table.text} from smtp_tls_policy_maps, unless that is the point",
     )
 
 
