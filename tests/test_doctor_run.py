@@ -3,7 +3,9 @@ postmap: good and broken main.cf / master.cf files in a private Postfix
 configuration directory, a real daemon child answering the lookup (over a
 unix socket inside a chrooted smtp service's queue directory, or TCP through
 proxymap), nothing listening, a socket the postfix user may not open, the
-exit status (0 clean, 1 with a ✗, 2 when postconf cannot run) and --json."""
+exit status (0 clean, 1 with a ✗, 2 when postconf cannot run) and --json;
+and Debian 13's Postfix 3.10 postconf (in the chroot MTASTS_POSTFIX310_ROOT
+names) read through the same shell, for smtp_tls_enforce_sts_mx_patterns."""
 
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ from typing import Any
 
 import pytest
 
+from postfix_mtasts.check.findings import Level
+from postfix_mtasts.config import parse_config
 from postfix_mtasts.doctor.postfix import Version, parse_version
-from tests.conftest import require
+from postfix_mtasts.doctor.run import Commands, read_postfix
+from postfix_mtasts.doctor.settings import mx_pattern_findings, version_findings
+from tests.conftest import missing, require
 from tests.support.daemon import (
     LOOPBACK,
     CommandResult,
@@ -274,3 +280,48 @@ async def test_postconf_failing_is_one_line_and_status_2(lab: Lab) -> None:
     assert result.stdout == ""
     (line,) = result.stderr_lines
     assert line.startswith("postfix-mtasts doctor: ") and "missing" in line
+
+
+#: The variable naming the Debian 13 chroot with Postfix 3.10 (.ci/run makes it).
+POSTFIX310_ROOT_VARIABLE = "MTASTS_POSTFIX310_ROOT"
+
+
+@pytest.fixture
+def postfix310_root() -> Path:
+    """The chroot, or skip (under CI: fail) saying what is missing."""
+    value = os.environ.get(POSTFIX310_ROOT_VARIABLE, "")
+    if not value:
+        missing(f"a chroot with Postfix 3.10 ({POSTFIX310_ROOT_VARIABLE})")
+    if os.geteuid() != 0:
+        missing("root (chroot) to run Postfix 3.10's postconf")
+    root = Path(value)
+    if not (root / "usr/sbin/postconf").exists():
+        missing(f"Postfix in {root} ({POSTFIX310_ROOT_VARIABLE})")
+    return root
+
+
+def test_postfix_3_10_has_the_mx_pattern_check_on_and_needs_the_attributes(
+    tmp_path: Path, postfix310_root: Path
+) -> None:
+    """Debian 13's real postconf, read through doctor's shell: the release is
+    3.10.5 or later, smtp_tls_enforce_sts_mx_patterns is on by default, so
+    the plain profile is a ✗ and the built-in postfix310 profile a ✓."""
+    inside = Path(tempfile.mkdtemp(prefix="mtasts-doctor-", dir=postfix310_root / "tmp"))
+    try:
+        (inside / "main.cf").write_text("compatibility_level = 3.6\n")
+        (inside / "master.cf").write_text(MASTER_CF)
+        wrapper = tmp_path / "postconf"
+        wrapper.write_text(f'#!/bin/sh\nexec /usr/sbin/chroot {postfix310_root} /usr/sbin/postconf "$@"\n')
+        wrapper.chmod(0o755)
+        view = read_postfix(Commands(postconf=str(wrapper), postmap="/bin/false"), f"/tmp/{inside.name}")
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
+
+    assert view.version is not None and view.version >= Version(3, 10, 5), view.version
+    assert view.parameters["smtp_tls_enforce_sts_mx_patterns"] == "yes"
+    config = parse_config("")
+    plain = {"postfix": config.profiles["postfix"]}
+    sts = {"postfix310": config.profiles["postfix310"]}
+    assert [f.level for f in mx_pattern_findings(view, plain, config)] == [Level.ERROR]
+    assert [f.level for f in mx_pattern_findings(view, sts, config)] == [Level.OK]
+    assert [f.level for f in version_findings(view, sts, config)] == [Level.OK]
