@@ -51,7 +51,8 @@ def version_findings(view: PostfixView, profiles: Mapping[str, Profile], config:
                 Finding.error(
                     Topic.VERSION,
                     f"Postfix {version} is older than {needed}, which profile {name} needs for {what}",
-                    "Postfix rejects every policy answer of this profile as invalid and defers the mail",
+                    "Postfix rejects an answer with an attribute it does not know as invalid, "
+                    "and defers the mail",
                     _downgrade_fix(name, version, config),
                 )
             )
