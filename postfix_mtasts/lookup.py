@@ -14,7 +14,6 @@ import contextlib
 import logging
 import random
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,16 +36,18 @@ from postfix_mtasts.refresh import Refresher, RefreshWheel
 from postfix_mtasts.resolver import FetchOK, PolicyFetcher, TxtFound, TxtResolver
 from postfix_mtasts.resolver.dane import DaneCache, dane_precedence
 from postfix_mtasts.singleflight import SingleFlight
-from postfix_mtasts.stats import LookupStats
+from postfix_mtasts.stats import LookupStats, RecentTraces
 from postfix_mtasts.sysmem import loading_long_lived, release_free_memory
 
 log = logging.getLogger("postfix_mtasts.lookup")
+#: The one line per resolution (domain, answer, why), on a logger of its own so
+#: that ``query``, which prints the same as its "result:" line, can quiet it.
+RESULT_LOGGER = "postfix_mtasts.lookup.result"
+result_log = logging.getLogger(RESULT_LOGGER)
 #: Source.FETCHED, read once: an enum member looked up on its class costs a
 #: metaclass call, and the warm-hit path compares with it on every hit.
 _FETCHED = Source.FETCHED
 
-#: Traces of the last resolution kept for ``ctl show``.
-TRACES_KEPT = 1000
 #: How often expired entries are pruned from the store.
 PRUNE_INTERVAL = 3600.0
 #: How often last-used times are written back to the store.
@@ -126,7 +127,7 @@ class PolicyLookup:
         self._slow_checks_noted: set[str] = set()
         # Domains flushed while a resolution of them was in flight.
         self._flushed_in_flight: set[str] = set()
-        self._traces: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self.traces = RecentTraces()
         self.refresh_wheel = RefreshWheel(self.front, settings.refresh_scan_interval, self._rng)
         self._touched: dict[str, float] = {}
         self.background = BackgroundWork(reactor, log)
@@ -387,7 +388,7 @@ class PolicyLookup:
             # learnt may rest on the forgotten entry, so it answers the lookups
             # already waiting and is not kept.
             self._flushed_in_flight.discard(domain)
-            self._trace(domain, resolution)
+            self.traces.record(domain, resolution.trace, resolution.why)
             log.info("%s: flushed while resolving; the result (%s) is not kept", domain, resolution.why)
             return resolution
         changed = previous is None or _durable_fields(previous) != _durable_fields(entry)
@@ -396,10 +397,10 @@ class PolicyLookup:
             # first, then answered from.
             await self.keeper.put(entry)
         self._remember(entry)
-        self._trace(domain, resolution)
+        self.traces.record(domain, resolution.trace, resolution.why)
         answer = entry_answer(entry, False)
         level = logging.INFO if changed or entry.source is not Source.FETCHED else logging.DEBUG
-        log.log(level, "%s: %s (%s)", domain, describe(answer), resolution.why)
+        result_log.log(level, "%s: %s (%s)", domain, describe(answer), resolution.why)
         return resolution
 
     async def _resolve(self, domain: str, previous: CacheEntry | None, force_fetch: bool) -> Resolution:
@@ -436,14 +437,8 @@ class PolicyLookup:
         if entry.source is Source.FETCHED:
             self.refresh_wheel.schedule(entry, previous, self.settings.policy)
 
-    def _trace(self, domain: str, resolution: Resolution) -> None:
-        self._traces[domain] = (*resolution.trace, f"result: {resolution.why}")
-        self._traces.move_to_end(domain)
-        while len(self._traces) > TRACES_KEPT:
-            self._traces.popitem(last=False)
-
     def last_trace(self, domain: str) -> tuple[str, ...]:
-        return self._traces.get(domain, ())
+        return self.traces.last(domain)
 
     async def flush(self, domain: str | None) -> int:
         """Forget one domain (or all, for None); returns how many were dropped."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import logging
 import socket
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -580,6 +581,25 @@ async def test_redirect_is_not_followed(server: HostileHttpsServer, status: int)
     assert server.requests[HOST] == 1
     assert server.requests["mta-sts.elsewhere.example"] == 0
     assert server.connections_accepted == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_mx_with_a_trailing_dot_is_forgiven_and_logged(
+    server: HostileHttpsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fully qualified ``mx: MX1.Example.COM.`` keeps the domain protected:
+    the policy is used, the warning is in the trace, the FetchOK and the log."""
+    server.set_host(HOST, Serve(b"version: STSv1\nmode: enforce\nmx: MX1.Example.COM.\nmax_age: 86400\n"))
+
+    with caplog.at_level(logging.WARNING, logger="postfix_mtasts.resolver.https"):
+        result = await fetcher_for(server).fetch(DOMAIN)
+
+    assert isinstance(result, FetchOK), result
+    assert result.policy.mx == ("mx1.example.com",)
+    assert len(result.warnings) == 1 and "ends with a dot" in result.warnings[0]
+    assert f"policy {result.warnings[0]}" in result.trace
+    logged = [r.getMessage() for r in caplog.records if r.name == "postfix_mtasts.resolver.https"]
+    assert logged == [f"{HOST}: policy {result.warnings[0]}"]
 
 
 @pytest_twisted.ensureDeferred

@@ -131,8 +131,8 @@ class Auditor:
         mx = _start(self._check_mx_records(name))
         tlsrpt = _start(self._check_tlsrpt(name))
 
-        mx_findings, hosts = await mx
-        probes = [_start(self._check_mx_host(host)) for host in hosts]
+        mx_findings, hosts, implicit = await mx
+        probes = [_start(self._check_mx_host(host, implicit=implicit)) for host in hosts]
         policy_findings, found = await policy
         findings = [*await sts, *policy_findings, *mx_findings]
         if found is not None:
@@ -222,7 +222,7 @@ class Auditor:
         if isinstance(result, FetchFailed):
             return [*findings, self._fetch_failure(host, url, result)], None
         findings += self._fetch_success(host, url, result)
-        findings += policy_findings(result.policy, result.text)
+        findings += policy_findings(result.policy, result.text, result.warnings)
         return findings, result.policy
 
     def _fetch_success(self, host: str, url: str, result: FetchOK) -> list[Finding]:
@@ -334,7 +334,9 @@ class Auditor:
 
     # --- MX hosts ---------------------------------------------------------------
 
-    async def _check_mx_records(self, domain: str) -> tuple[list[Finding], list[str]]:
+    async def _check_mx_records(self, domain: str) -> tuple[list[Finding], list[str], bool]:
+        """The MX findings, the hosts to probe, and whether that is the domain
+        itself standing in for a missing MX record (RFC 5321 §5.1)."""
         try:
             records = await self._dns.mx_hosts(domain)
         except RecordLookupError as error:
@@ -347,7 +349,7 @@ class Auditor:
                         f'publish an MX record, e.g. "{domain}. MX 10 mx.{domain}.", and name that '
                         "host in the policy",
                     )
-                ], [domain]
+                ], [domain], True
             return [
                 Finding.error(
                     Topic.MX_RECORDS,
@@ -355,7 +357,7 @@ class Auditor:
                     "senders cannot find where to deliver your mail",
                     f"make your DNS servers answer MX queries for {domain}",
                 )
-            ], []
+            ], [], False
         hosts = [host for _, host in records if host]
         if not hosts:
             return [
@@ -365,22 +367,17 @@ class Auditor:
                     "there is no delivery for MTA-STS to protect",
                     "remove the MTA-STS records, or publish real MX records if the domain should get mail",
                 )
-            ], []
+            ], [], False
         shown = ", ".join(f"{host} ({preference})" for preference, host in records if host)
-        return [Finding.ok(Topic.MX_RECORDS, f"{domain}: MX {shown}")], hosts
+        return [Finding.ok(Topic.MX_RECORDS, f"{domain}: MX {shown}")], hosts, False
 
-    async def _check_mx_host(self, host: str) -> list[Finding]:
+    async def _check_mx_host(self, host: str, *, implicit: bool = False) -> list[Finding]:
+        """Resolve and probe one MX host; ``implicit``: ``host`` is the domain
+        itself, used because it has no MX record (RFC 5321 §5.1)."""
         try:
             addresses = await self._dns.addresses(host)
         except AddressLookupError as error:
-            return [
-                Finding.error(
-                    Topic.SMTP_CONNECT,
-                    f"{host}: does not resolve: {error.reason}",
-                    f"senders cannot deliver to {host}",
-                    f"publish an A (and/or AAAA) record for {host}, or remove it from the MX records",
-                )
-            ]
+            return [unresolvable_mx_finding(host, error.reason, implicit=implicit)]
         probe = await probe_smtp(
             self._reactor,
             host,
@@ -415,6 +412,25 @@ class Auditor:
 # --- pure judgements (unit-tested on their own) ----------------------------------
 
 
+def unresolvable_mx_finding(host: str, reason: str, *, implicit: bool = False) -> Finding:
+    """✗ for an MX host without addresses; ``implicit``: ``host`` is the domain
+    itself, standing in for a missing MX record, so there is no MX record to edit."""
+    if implicit:
+        return Finding.error(
+            Topic.SMTP_CONNECT,
+            f"{host}: no MX record and no address: {reason}",
+            f"senders have nowhere to deliver mail for {host}",
+            f'publish an MX record, e.g. "{host}. MX 10 mx.{host}.", with an A (and/or AAAA) '
+            "record for that host, and name it in the policy",
+        )
+    return Finding.error(
+        Topic.SMTP_CONNECT,
+        f"{host}: does not resolve: {reason}",
+        f"senders cannot deliver to {host}",
+        f"publish an A (and/or AAAA) record for {host}, or remove it from the MX records",
+    )
+
+
 def expiry_finding(
     topic: str,
     host: str,
@@ -438,10 +454,22 @@ def expiry_finding(
     return Finding.ok(topic, f"{good}, expires {date} ({int(days)} days)")
 
 
-def policy_findings(policy: Policy, text: str) -> list[Finding]:
-    """The policy's syntax, mode and max_age (``text`` is the body as served)."""
+def policy_findings(policy: Policy, text: str, warnings: Sequence[str] = ()) -> list[Finding]:
+    """The policy's syntax, mode and max_age (``text`` is the body as served;
+    ``warnings`` what its parser forgave)."""
     patterns = ", ".join(policy.mx) or "none"
     findings = [Finding.ok(Topic.POLICY, f"policy valid: mode {policy.mode.value}, mx {patterns}")]
+    for warning in warnings:
+        findings.append(
+            Finding.warning(
+                Topic.POLICY,
+                f"policy {warning}",
+                "senders that follow RFC 8461 to the letter refuse the whole policy, "
+                "and your mail loses its protection with them",
+                'write each mx line as a plain host name ("mx: mx1.example.com", no final dot), '
+                "publish it, and change the id in the TXT record",
+            )
+        )
     if policy.mode is Mode.ENFORCE:
         findings.append(Finding.ok(Topic.POLICY_MODE, "mode enforce: senders require TLS to your MX hosts"))
     elif policy.mode is Mode.TESTING:

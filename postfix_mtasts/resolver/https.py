@@ -22,6 +22,7 @@ the gzip stream, fails the fetch; other content codings are refused.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import zlib
 from collections.abc import Callable
@@ -62,11 +63,13 @@ from zope.interface import implementer
 
 from postfix_mtasts import __version__, limits
 from postfix_mtasts.errors import one_line
-from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
+from postfix_mtasts.policy.policyfile import PolicyError, read_policy
 from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchProblem, FetchResult
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+log = logging.getLogger("postfix_mtasts.resolver.https")
 
 #: Label prepended to the policy domain to name the policy host (RFC 8461 §3.3).
 POLICY_HOST_PREFIX = "mta-sts."
@@ -281,11 +284,16 @@ class HttpsPolicyFetcher:
         body = await _read_body(response, self._body_limit, attempt)
         attempt.step(f"body {len(body)} bytes")
         try:
-            policy = parse_policy(body)
+            read = read_policy(body)
         except PolicyError as invalid:
             raise _FetchError(
                 f"invalid policy: {invalid}", FetchProblem.INVALID_POLICY, FailureCategory.INVALID
             ) from None
+        policy = read.policy
+        for warning in read.warnings:
+            # Forgiven, so that the domain keeps its protection; said, so that it can be fixed.
+            log.warning("%s: policy %s", attempt.host, warning)
+            attempt.step(f"policy {warning}")
         attempt.step(
             f"policy valid: mode {policy.mode.value}, max_age {policy.max_age}, "
             f"mx {' '.join(policy.mx) or '(none)'}"
@@ -298,6 +306,7 @@ class HttpsPolicyFetcher:
             tls_version=attempt.tls_version,
             not_after=None if certificate is None else certificate.not_valid_after_utc,
             body_bytes=len(body),
+            warnings=read.warnings,
         )
 
     def _check_response(self, response: Any, attempt: _Attempt) -> None:
