@@ -18,7 +18,6 @@ from treq.client import HTTPClient
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import CertificateOptions
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -30,14 +29,7 @@ from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, Fetch
 from postfix_mtasts.resolver.https.attempt import AddressResolver, _Attempt, _causes, _FetchError
 from postfix_mtasts.resolver.https.connection import _PolicyHostEndpointFactory
 from postfix_mtasts.resolver.https.decoding import _BoundedGzipAgent
-from postfix_mtasts.resolver.https.tls import (
-    KEY_EXCHANGE_GROUPS,
-    MINIMUM_TLS_VERSION,
-    _PolicyHostTLS,
-    _verify_policy_host,
-    load_trust_root,
-    offer_groups,
-)
+from postfix_mtasts.resolver.https.tls import _PolicyHostTLS, policy_host_context
 
 #: Label prepended to the policy domain to name the policy host (RFC 8461 §3.3).
 POLICY_HOST_PREFIX = "mta-sts."
@@ -80,13 +72,8 @@ class HttpsPolicyFetcher:
     ) -> None:
         self._reactor = reactor
         self._addresses = addresses
-        # One context for every fetch: the trust store is loaded and the verify
-        # callback installed once; a connection brings only its SNI name and its
-        # attempt (see _AttemptConnection).
-        options = CertificateOptions(trustRoot=load_trust_root(ca_file), raiseMinimumTo=MINIMUM_TLS_VERSION)
-        self._tls_context: SSL.Context = options.getContext()
-        self._tls_context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_policy_host)
-        offer_groups(self._tls_context, KEY_EXCHANGE_GROUPS)
+        # One context for every fetch (see policy_host_context).
+        self._tls_context: SSL.Context = policy_host_context(ca_file)
         self._timeout = timeout
         self._port = port
         self._body_limit = body_limit

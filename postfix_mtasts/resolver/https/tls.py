@@ -19,7 +19,13 @@ from OpenSSL.crypto import X509
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.ssl import Certificate, TLSVersion, platformTrust, trustRootFromCertificates
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    platformTrust,
+    trustRootFromCertificates,
+)
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -115,6 +121,21 @@ def load_trust_root(ca_file: str) -> IOpenSSLTrustRoot:
     ]
     trust_root: IOpenSSLTrustRoot = trustRootFromCertificates(roots)  # type: ignore[no-untyped-call]
     return trust_root
+
+
+def policy_host_context(ca_file: str) -> SSL.Context:
+    """The TLS context a fetcher uses for all its fetches: the trust root of
+    ``ca_file`` (see :func:`load_trust_root`), TLS 1.2 or later, our groups,
+    and :func:`_verify_policy_host` as the verify callback.
+
+    The trust store is loaded and the verify callback installed once; a
+    connection brings only its SNI name and its attempt (see :class:`_AttemptConnection`).
+    """
+    options = CertificateOptions(trustRoot=load_trust_root(ca_file), raiseMinimumTo=MINIMUM_TLS_VERSION)
+    context: SSL.Context = options.getContext()
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_policy_host)
+    offer_groups(context, KEY_EXCHANGE_GROUPS)
+    return context
 
 
 def offer_groups(context: SSL.Context, groups: bytes) -> bool:
