@@ -1,10 +1,11 @@
 """The connection to the policy host, below the HTTP client.
 
-The Agent's endpoint resolves the policy host with the daemon's own resolver
-(never the system's), tries the addresses in order, one TCP connection attempt
-each, and puts TLS (see :mod:`.tls`) right on the first TCP connection made,
-with no protocol layer in between; the fetch can drop that connection at once
-and wait until it is gone.
+The Agent of one fetch (:func:`policy_host_agent`) connects only through our
+endpoint, which resolves the policy host with the daemon's own resolver (never
+the system's), tries the addresses in order, one TCP connection attempt each,
+and puts TLS (see :mod:`.tls`) right on the first TCP connection made, with no
+protocol layer in between; the fetch can drop that connection at once and wait
+until it is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, cast
 
+from OpenSSL import SSL
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
@@ -23,8 +25,8 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.web.client import URI
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from postfix_mtasts.errors import one_line
@@ -35,6 +37,18 @@ from postfix_mtasts.resolver.https.tls import _PolicyHostTLS
 #: Seconds one TCP connection attempt to one address may take before the next
 #: address is tried; the whole fetch is still bounded by its own deadline.
 CONNECT_ATTEMPT_TIMEOUT = 10.0
+
+
+def policy_host_agent(reactor: Any, attempt: _Attempt, context: SSL.Context) -> IAgent:
+    """The Agent of one fetch: it reaches the policy host only through our
+    endpoint (the daemon's resolver, TLS with ``context`` and our checks), on
+    a connection of its own that no pool keeps."""
+    tls = _PolicyHostTLS(context, attempt)
+    pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+    agent: IAgent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+        reactor, _PolicyHostEndpointFactory(attempt, tls), pool=pool
+    )
+    return agent
 
 
 @implementer(IAgentEndpointFactory)

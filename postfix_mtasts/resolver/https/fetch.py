@@ -19,7 +19,7 @@ from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -27,9 +27,9 @@ from postfix_mtasts import __version__, limits
 from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
 from postfix_mtasts.resolver import FailureCategory, FetchFailed, FetchOK, FetchProblem, FetchResult
 from postfix_mtasts.resolver.https.attempt import AddressResolver, _Attempt, _causes, _FetchError
-from postfix_mtasts.resolver.https.connection import _PolicyHostEndpointFactory
+from postfix_mtasts.resolver.https.connection import policy_host_agent
 from postfix_mtasts.resolver.https.decoding import _BoundedGzipAgent
-from postfix_mtasts.resolver.https.tls import _PolicyHostTLS, policy_host_context
+from postfix_mtasts.resolver.https.tls import policy_host_context
 
 #: Label prepended to the policy domain to name the policy host (RFC 8461 §3.3).
 POLICY_HOST_PREFIX = "mta-sts."
@@ -105,11 +105,7 @@ class HttpsPolicyFetcher:
 
     async def _fetch(self, attempt: _Attempt) -> FetchOK:
         """The fetch proper, without the deadline: raises :class:`_FetchError` on failure."""
-        tls = _PolicyHostTLS(self._tls_context, attempt)
-        pool = HTTPConnectionPool(self._reactor, persistent=False)  # type: ignore[no-untyped-call]
-        agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
-            self._reactor, _PolicyHostEndpointFactory(attempt, tls), pool=pool
-        )
+        agent = policy_host_agent(self._reactor, attempt, self._tls_context)
         # Under treq's own gzip decoder, so that it never sees a gzip coding to inflate unbounded.
         bounded = _BoundedGzipAgent(agent, self._body_limit, attempt.abort)
         url = f"https://{attempt.host}{'' if self._port == 443 else f':{self._port}'}{POLICY_PATH}"
