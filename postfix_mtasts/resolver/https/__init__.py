@@ -15,14 +15,15 @@ One module per job, each importing only those listed after it:
     :class:`HttpsPolicyFetcher`: the RFC 8461 rules (URL, redirects, status,
     media type, body cap, deadline, policy parsing) and the outcome.
 ``connection``
-    the Agent's endpoint: address resolution, TCP to each address in turn,
-    TLS on the first connection made.
+    the Agent of one fetch and its endpoint: address resolution, TCP to
+    each address in turn, TLS on the first connection made.
 ``decoding``
     the gzip content coding, undone within the body cap.
 ``attempt``
     what one fetch knows about itself (trace, stage, connection) and how it fails.
 ``tls``
-    the TLS context's rules and the certificate verdicts.
+    the TLS context (trust root, TLS 1.2+, key exchange groups) and the
+    certificate verdicts.
 
 Names with a leading underscore are private to this package.
 """
