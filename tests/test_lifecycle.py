@@ -650,7 +650,7 @@ if libc.prctl(65, 1, 0, 0, 0) != 0:
 from OpenSSL import SSL
 connection = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
 try:
-    # What resolver/https.py does for every policy fetch: a Python verify callback.
+    # What resolver/https/tls.py installs for every policy fetch: a Python verify callback.
     connection.set_verify(SSL.VERIFY_PEER, lambda *args: True)
 except MemoryError:
     print("fails")
