@@ -11,18 +11,7 @@ import trustme
 from cryptography import x509
 
 from postfix_mtasts import limits
-from postfix_mtasts.check.audit import (
-    CERTIFICATE_WARNING_DAYS,
-    CheckSetupError,
-    expiry_finding,
-    mx_coverage,
-    normalise_domain,
-    parse_tlsrpt,
-    policy_findings,
-    smtp_findings,
-    tlsrpt_finding,
-    unresolvable_mx_finding,
-)
+from postfix_mtasts.check.audit import CheckSetupError, normalise_domain
 from postfix_mtasts.check.findings import (
     Finding,
     Level,
@@ -31,6 +20,16 @@ from postfix_mtasts.check.findings import (
     render_json,
     render_text,
     summary,
+)
+from postfix_mtasts.check.judgements import (
+    CERTIFICATE_WARNING_DAYS,
+    expiry_finding,
+    mx_coverage,
+    parse_tlsrpt,
+    policy_findings,
+    smtp_findings,
+    tlsrpt_finding,
+    unresolvable_mx_finding,
 )
 from postfix_mtasts.check.smtp import SmtpProbe
 from postfix_mtasts.policy.model import Mode, Policy
