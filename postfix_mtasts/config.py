@@ -243,6 +243,41 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ImapConfig:
+    """An IMAP folder the daemon reads TLS reports from (``[reports.imap]``)."""
+
+    host: str
+    user: str
+    #: File holding the password (its first line); kept out of the config file.
+    password_file: str
+    #: 993 with TLS, 143 without, unless set.
+    port: int = 993
+    #: TLS from the first byte (IMAPS); false: plain IMAP, for a loopback server only.
+    tls: bool = True
+    #: PEM bundle to verify the server; empty: the system trust store.
+    ca_file: str = ""
+    folder: str = "INBOX"
+    #: Where read messages are moved; empty: they stay in ``folder``, marked read.
+    done_folder: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportsConfig:
+    """The TLS report store (``[reports]``) and the mailboxes the daemon reads into it."""
+
+    #: SQLite file; empty: reports.sqlite3 beside the policy cache.
+    path: str = ""
+    #: PostgreSQL connection string; set: reports are kept there instead of ``path``.
+    dsn: str = ""
+    schema: str = DEFAULT_POSTGRESQL_SCHEMA
+    #: A Maildir whose new mail the daemon ingests; empty: none.
+    maildir: str = ""
+    imap: ImapConfig | None = None
+    #: Seconds between two looks at the Maildir and the IMAP folder.
+    poll_interval: float = limits.REPORTS_POLL_INTERVAL
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     #: Started as root: become this user once listeners and the cache are
     #: open; empty: keep running as the user that started the daemon.
@@ -267,6 +302,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    reports: ReportsConfig = field(default_factory=ReportsConfig)
     #: Where this configuration came from, for messages ("<defaults>" if no file).
     source: str = "<defaults>"
 
@@ -633,6 +669,7 @@ class _Reader:
             "control",
             "metrics",
             "service",
+            "reports",
         )
         self.table(data, "", known)
         config = Config(
@@ -646,6 +683,7 @@ class _Reader:
             control=self.control(self.subtable(data, "control", "")),
             metrics=self.metrics(self.subtable(data, "metrics", "")),
             service=self.service(self.subtable(data, "service", "")),
+            reports=self.reports(self.subtable(data, "reports", "")),
             source=self.source,
         )
         self.check_distinct_addresses(config)
@@ -900,6 +938,64 @@ class _Reader:
                 f"must be a user name like \"postfix-mtasts\" or empty, got {_show(user)}",
             )
         return ServiceConfig(user=user)
+
+    def reports(self, data: Mapping[str, object]) -> ReportsConfig:
+        prefix = "reports"
+        self.table(data, prefix, ("path", "dsn", "schema", "maildir", "imap", "poll_interval"))
+        dsn = self.string(data, "dsn", prefix, "")
+        if dsn and not dsn.startswith(_POSTGRESQL_SCHEMES):
+            raise self.fail(
+                f"{prefix}.dsn", f"must start with {', '.join(_POSTGRESQL_SCHEMES)}, got {_show(dsn)}"
+            )
+        schema = self.string(data, "schema", prefix, DEFAULT_POSTGRESQL_SCHEMA)
+        if not _SQL_IDENTIFIER.fullmatch(schema):
+            raise self.fail(
+                f"{prefix}.schema", f"must be a plain SQL name (letters, digits, _), got {_show(schema)}"
+            )
+        imap = None
+        if "imap" in data:
+            imap = self.imap(self.subtable(data, "imap", prefix))
+        return ReportsConfig(
+            path=self.path(data, "path", prefix),
+            dsn=dsn,
+            schema=schema,
+            maildir=self.path(data, "maildir", prefix),
+            imap=imap,
+            poll_interval=self.seconds(
+                data, "poll_interval", prefix, limits.REPORTS_POLL_INTERVAL, 1
+            ),
+        )
+
+    def imap(self, data: Mapping[str, object]) -> ImapConfig:
+        prefix = "reports.imap"
+        self.table(data, prefix, tuple(ImapConfig.__dataclass_fields__))
+        required = {}
+        for key in ("host", "user", "password_file"):
+            if key == "password_file":
+                value = self.path(data, key, prefix)
+            else:
+                value = self.string(data, key, prefix, "")
+            if not value.strip():
+                raise self.fail(f"{prefix}.{key}", "must be set when [reports.imap] is present")
+            required[key] = value
+        tls = self.boolean(data, "tls", prefix, True)
+        ca_file = self.path(data, "ca_file", prefix)
+        if ca_file and not os.path.isfile(ca_file):
+            problem = "is not a file" if os.path.exists(ca_file) else "does not exist"
+            raise self.fail(f"{prefix}.ca_file", f"{json.dumps(ca_file)} {problem}")
+        folder = self.string(data, "folder", prefix, "INBOX")
+        if not folder.strip():
+            raise self.fail(f"{prefix}.folder", 'must name a folder, e.g. "INBOX"')
+        return ImapConfig(
+            host=required["host"],
+            user=required["user"],
+            password_file=required["password_file"],
+            port=self.integer(data, "port", prefix, 993 if tls else 143, 1, 65535),
+            tls=tls,
+            ca_file=ca_file,
+            folder=folder,
+            done_folder=self.string(data, "done_folder", prefix, ""),
+        )
 
     def check_dane_resolver(self, config: Config) -> None:
         """DANE answers are only as good as the resolver that validates them:

@@ -58,3 +58,7 @@ MEMORY_ENTRIES = 200_000
 #: when no nameservers are configured; a lookup waiting for a thread still
 #: counts against its fetch deadline.
 ADDRESS_LOOKUP_THREADS = 8
+
+# --- TLS reports ------------------------------------------------------------
+#: Seconds between two looks at the watched Maildir and IMAP folder.
+REPORTS_POLL_INTERVAL = 60.0
