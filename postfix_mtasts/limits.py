@@ -62,3 +62,5 @@ ADDRESS_LOOKUP_THREADS = 8
 # --- TLS reports ------------------------------------------------------------
 #: Seconds between two looks at the watched Maildir and IMAP folder.
 REPORTS_POLL_INTERVAL = 60.0
+#: Bound on one look at the IMAP folder (connect, log in, fetch and store all).
+REPORTS_IMAP_TIMEOUT = 300.0

@@ -568,6 +568,8 @@ class Service:
         self._metrics_registry: Any = None
         self._heartbeat: Any = None
         self._reloading: Deferred[Any] | None = None
+        #: The report store and the mailboxes read into it (tlsrpt.intake), if configured.
+        self.reports: Any = None
 
     @property
     def config(self) -> Config:
@@ -591,6 +593,7 @@ class Service:
             await self._listen_metrics(config)
             if user is not None:
                 self._drop_privileges(user)
+            await self._start_reports(config)  # as the service user: it owns what it creates
         except StartupError:
             await self._stop_extras()
             await self.daemon.stop()
@@ -608,7 +611,24 @@ class Service:
         await self._stop_extras()
         await self.daemon.stop()
 
+    async def _start_reports(self, config: Config) -> None:
+        from postfix_mtasts.tlsrpt import intake
+        from postfix_mtasts.tlsrpt.imap import ImapError
+        from postfix_mtasts.tlsrpt.store import ReportStoreError
+
+        if not intake.wanted(config.reports):
+            return
+        reports = intake.ReportIntake(self.reactor, config.reports)
+        try:
+            await reports.start()
+        except (ReportStoreError, ImapError) as e:
+            raise StartupError(str(e)) from e
+        self.reports = reports
+
     async def _stop_extras(self) -> None:
+        if self.reports is not None:
+            reports, self.reports = self.reports, None
+            await reports.stop()
         for port in (self._control_port, self._metrics_port):
             if port is not None:
                 await _stop_listening(port)
@@ -732,6 +752,8 @@ class Service:
             raise ReloadRefused(str(e)) from e
         if new.service != old.service:
             log.warning("service.user changed: it takes effect at the next restart")
+        if new.reports != old.reports:
+            log.warning("[reports] changed: it takes effect at the next restart")
         notes = await self.daemon.apply(new)
         if new.control != old.control:
             old_port, old_path = self._control_port, self.control_path
