@@ -579,9 +579,10 @@ def test_example_file_uncommented_gives_the_defaults() -> None:
             Config().control,
             Config().metrics,
             Config().service,
+            Config().reports,
         )
         for f in dataclasses.fields(section)
-        if f.name not in {"redis", "postgresql"}
+        if f.name not in {"redis", "postgresql", "imap"}
     }
     assert expected - shown == set()
 
@@ -781,3 +782,15 @@ def test_reports_imap_keys() -> None:
     assert "reports.imap.ca_file" in error_of(base + 'ca_file = "/nonexistent/ca.pem"\n')
     assert "reports.imap.folder" in error_of(base + 'folder = ""\n')
     assert "reports.imap.password_file" in error_of('[reports.imap]\nhost = "h"\nuser = "u"\n')
+
+
+def test_example_file_shows_every_imap_key() -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [reports.imap]"):]
+    shown = set(re.findall(r"^# ([a-z_]+) = ", block, flags=re.MULTILINE))
+    assert shown == {f.name for f in dataclasses.fields(ImapConfig)}
+    uncommented = "[reports.imap]\n" + "\n".join(
+        line[2:].split("  #")[0] for line in block.splitlines()[1:] if re.match(r"^# [a-z_]+ = ", line)
+    )
+    imap = parse_config(uncommented.replace('ca_file = ""', ""), "example").reports.imap
+    assert imap is not None and imap.host == "imap.example.com" and imap.port == 993
