@@ -633,14 +633,14 @@ class Service:
         log.info("control socket on %s (mode %04o)", path, config.control.mode)
 
     async def _listen_metrics(self, config: Config) -> None:
-        address = config.metrics.listen
+        address = config.http.listen
         if address is None:
             return
         try:
             from postfix_mtasts import metrics
         except ImportError as e:
             raise StartupError(
-                f"metrics.listen = \"{address}\" needs prometheus_client: "
+                f"{config.http.key} = \"{address}\" needs prometheus_client: "
                 f"pip install 'postfix-mtasts[metrics]' ({e})"
             ) from e
         if self._metrics_registry is None:
@@ -744,7 +744,7 @@ class Service:
                 if old_port is not None:
                     await _stop_listening(old_port)
                 notes.append(f"control socket {self.control_path}")
-        if new.metrics != old.metrics:
+        if new.http != old.http:
             old_metrics = self._metrics_port
             if old_metrics is not None:
                 await _stop_listening(old_metrics)
@@ -754,7 +754,7 @@ class Service:
             except StartupError as e:
                 notes.append(f"metrics off ({e})")
             else:
-                notes.append(f"metrics on {new.metrics.listen}" if new.metrics.listen else "metrics off")
+                notes.append(f"metrics on {new.http.listen}" if new.http.listen else "metrics off")
         if new.log != old.log:
             logsetup.configure(level, syslog=new.log.syslog)
             notes.append(f"log level {logging.getLevelName(level).lower()}")
