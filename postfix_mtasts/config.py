@@ -262,9 +262,39 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ReportsConfig:
-    """What the daemon watches in the stored TLS reports (``[reports]``)."""
+class ImapConfig:
+    """An IMAP folder the daemon reads TLS reports from (``[reports.imap]``)."""
 
+    host: str
+    user: str
+    #: File holding the password (its first line); kept out of the config file.
+    password_file: str
+    #: 993 with TLS, 143 without, unless set.
+    port: int = 993
+    #: TLS from the first byte (IMAPS); false: plain IMAP, for a loopback server only.
+    tls: bool = True
+    #: PEM bundle to verify the server; empty: the system trust store.
+    ca_file: str = ""
+    folder: str = "INBOX"
+    #: Where read messages are moved; empty: they stay in ``folder``, marked read.
+    done_folder: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportsConfig:
+    """The TLS report store (``[reports]``), the mailboxes the daemon reads into it, and what it
+    watches in the stored reports."""
+
+    #: SQLite file; empty: reports.sqlite3 beside the policy cache.
+    path: str = ""
+    #: PostgreSQL connection string; set: reports are kept there instead of ``path``.
+    dsn: str = ""
+    schema: str = DEFAULT_POSTGRESQL_SCHEMA
+    #: A Maildir whose new mail the daemon ingests; empty: none.
+    maildir: str = ""
+    imap: ImapConfig | None = None
+    #: Seconds between two looks at the Maildir and the IMAP folder.
+    poll_interval: float = limits.REPORTS_POLL_INTERVAL
     #: A policy domain alerts when this share of its sessions failed over ``alert_window``.
     alert_ratio: float = DEFAULT_ALERT_RATIO
     #: Seconds of reports (by the end of their date range) the ratio is taken over.
@@ -935,9 +965,9 @@ class _Reader:
         except ConfigError as error:
             raise self.fail(key, str(error)) from None
 
-    def reports(self, data: Mapping[str, object]) -> ReportsConfig:
+    def report_alerts(self, data: Mapping[str, object]) -> dict[str, object]:
+        """The alert keys of ``[reports]``, as ReportsConfig arguments."""
         prefix = "reports"
-        self.table(data, prefix, tuple(ReportsConfig.__dataclass_fields__))
         ratio = data.get("alert_ratio", DEFAULT_ALERT_RATIO)
         if (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio)
                 or not 0 < ratio <= 1):
@@ -959,7 +989,7 @@ class _Reader:
                 f"{prefix}.sendmail_path",
                 f"{json.dumps(sendmail)} is not an executable file (needed to mail alerts to {mail_to})",
             )
-        return ReportsConfig(
+        return dict(
             alert_ratio=float(ratio),
             alert_window=self.seconds(data, "alert_window", prefix, DEFAULT_ALERT_WINDOW, ALERT_WINDOW_MIN),
             alert_min_sessions=self.integer(
@@ -982,6 +1012,65 @@ class _Reader:
                 f"must be a user name like \"postfix-mtasts\" or empty, got {_show(user)}",
             )
         return ServiceConfig(user=user)
+
+    def reports(self, data: Mapping[str, object]) -> ReportsConfig:
+        prefix = "reports"
+        self.table(data, prefix, tuple(ReportsConfig.__dataclass_fields__))
+        dsn = self.string(data, "dsn", prefix, "")
+        if dsn and not dsn.startswith(_POSTGRESQL_SCHEMES):
+            raise self.fail(
+                f"{prefix}.dsn", f"must start with {', '.join(_POSTGRESQL_SCHEMES)}, got {_show(dsn)}"
+            )
+        schema = self.string(data, "schema", prefix, DEFAULT_POSTGRESQL_SCHEMA)
+        if not _SQL_IDENTIFIER.fullmatch(schema):
+            raise self.fail(
+                f"{prefix}.schema", f"must be a plain SQL name (letters, digits, _), got {_show(schema)}"
+            )
+        imap = None
+        if "imap" in data:
+            imap = self.imap(self.subtable(data, "imap", prefix))
+        return ReportsConfig(
+            path=self.path(data, "path", prefix),
+            dsn=dsn,
+            schema=schema,
+            maildir=self.path(data, "maildir", prefix),
+            imap=imap,
+            poll_interval=self.seconds(
+                data, "poll_interval", prefix, limits.REPORTS_POLL_INTERVAL, 1
+            ),
+            **self.report_alerts(data),  # type: ignore[arg-type]  # each value checked there
+        )
+
+    def imap(self, data: Mapping[str, object]) -> ImapConfig:
+        prefix = "reports.imap"
+        self.table(data, prefix, tuple(ImapConfig.__dataclass_fields__))
+        required = {}
+        for key in ("host", "user", "password_file"):
+            if key == "password_file":
+                value = self.path(data, key, prefix)
+            else:
+                value = self.string(data, key, prefix, "")
+            if not value.strip():
+                raise self.fail(f"{prefix}.{key}", "must be set when [reports.imap] is present")
+            required[key] = value
+        tls = self.boolean(data, "tls", prefix, True)
+        ca_file = self.path(data, "ca_file", prefix)
+        if ca_file and not os.path.isfile(ca_file):
+            problem = "is not a file" if os.path.exists(ca_file) else "does not exist"
+            raise self.fail(f"{prefix}.ca_file", f"{json.dumps(ca_file)} {problem}")
+        folder = self.string(data, "folder", prefix, "INBOX")
+        if not folder.strip():
+            raise self.fail(f"{prefix}.folder", 'must name a folder, e.g. "INBOX"')
+        return ImapConfig(
+            host=required["host"],
+            user=required["user"],
+            password_file=required["password_file"],
+            port=self.integer(data, "port", prefix, 993 if tls else 143, 1, 65535),
+            tls=tls,
+            ca_file=ca_file,
+            folder=folder,
+            done_folder=self.string(data, "done_folder", prefix, ""),
+        )
 
     def check_dane_resolver(self, config: Config) -> None:
         """DANE answers are only as good as the resolver that validates them:

@@ -59,7 +59,9 @@ MEMORY_ENTRIES = 200_000
 #: counts against its fetch deadline.
 ADDRESS_LOOKUP_THREADS = 8
 
-# --- TLS reports ----------------------------------------------------------
+# --- TLS reports ------------------------------------------------------------
+#: Seconds between two looks at the watched Maildir and IMAP folder.
+REPORTS_POLL_INTERVAL = 60.0
 #: Seconds between two looks at the report store for alerts and metrics.
 REPORTS_WATCH_INTERVAL = 300.0
 #: Seconds sendmail may take to accept an alert mail before it is killed.

@@ -17,6 +17,7 @@ from postfix_mtasts import limits
 from postfix_mtasts.config import (
     Config,
     ConfigError,
+    ImapConfig,
     ListenAddress,
     Nameserver,
     Profile,
@@ -39,6 +40,8 @@ def toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
     return repr(value)
 
 
@@ -183,6 +186,16 @@ GOOD: list[tuple[str, Any, Any]] = [
     ("reports.reporter_silence_days", 0, 0),
     ("service.user", "postfix-mtasts", "postfix-mtasts"),
     ("service.user", "", ""),
+    ("reports.path", "/var/lib/tlsrpt/r.sqlite3", "/var/lib/tlsrpt/r.sqlite3"),
+    ("reports.dsn", "postgresql://db/tlsrpt", "postgresql://db/tlsrpt"),
+    ("reports.schema", "tls_reports", "tls_reports"),
+    ("reports.maildir", "/var/mail/tlsrpt", "/var/mail/tlsrpt"),
+    ("reports.poll_interval", 5, 5.0),
+    (
+        "reports.imap",
+        {"host": "imap.example", "user": "tlsrpt", "password_file": "/etc/postfix-mtasts/imap.pw"},
+        ImapConfig(host="imap.example", user="tlsrpt", password_file="/etc/postfix-mtasts/imap.pw"),
+    ),
 ]
 
 
@@ -409,6 +422,13 @@ BAD: list[tuple[str, Any]] = [
     ("service.user", "Root"),
     ("service.user", "-rf"),
     ("service.user", 0),
+    ("reports.path", "reports.sqlite3"),
+    ("reports.dsn", "mysql://db/x"),
+    ("reports.schema", "a-b"),
+    ("reports.maildir", "Maildir"),
+    ("reports.poll_interval", 0),
+    ("reports.imap", {"host": "imap.example", "user": "tlsrpt"}),
+    ("reports.imap", "imap.example"),
 ]
 
 
@@ -610,11 +630,13 @@ def test_example_file_uncommented_gives_the_defaults() -> None:
             Config().control,
             Config().http,
             Config().service,
-            Config().reports,
         )
         for f in dataclasses.fields(section)
         if f.name not in {"redis", "postgresql", "key"}
     }
+    # The keys of what the daemon watches in the stored reports.
+    expected |= {"alert_ratio", "alert_window", "alert_min_sessions", "alert_mail_to", "sendmail_path",
+                 "reporter_silence_days"}
     assert expected - shown == set()
 
 
@@ -799,3 +821,17 @@ def test_any_scalar_for_any_key_is_accepted_or_named(key: str, value: Any) -> No
     except ConfigError as error:
         # A range error between two keys (negative_ttl_min > max) names both.
         assert str(error).startswith(f"{SOURCE}: ") and key in str(error)
+
+
+def test_reports_imap_keys() -> None:
+    base = '[reports.imap]\nhost = "127.0.0.1"\nuser = "u"\npassword_file = "/pw"\n'
+    imap = parse_config(base + "tls = false\n", SOURCE).reports.imap
+    assert imap is not None
+    assert (imap.tls, imap.port, imap.folder, imap.done_folder) == (False, 143, "INBOX", "")
+    imap = parse_config(base + 'port = 1993\nfolder = "TLS"\ndone_folder = "TLS/done"\n', SOURCE).reports.imap
+    assert imap is not None
+    assert (imap.tls, imap.port, imap.folder, imap.done_folder) == (True, 1993, "TLS", "TLS/done")
+    assert "reports.imap.pasword_file" in error_of(base + 'pasword_file = "/x"\n')
+    assert "reports.imap.ca_file" in error_of(base + 'ca_file = "/nonexistent/ca.pem"\n')
+    assert "reports.imap.folder" in error_of(base + 'folder = ""\n')
+    assert "reports.imap.password_file" in error_of('[reports.imap]\nhost = "h"\nuser = "u"\n')
