@@ -93,6 +93,8 @@ class ReportWatch:
         self.interval = interval
         self.host = host or socket.getfqdn()
         self.state = AlertState()
+        #: The figures the last decision saw (window sessions per domain), for the gauges.
+        self.observation = Observation(self.now(), {}, {})
         #: The events that opened each open alert, for the dashboard and the gauges.
         self.open_domains: dict[str, Event] = {}
         self.open_reporters: dict[str, Event] = {}
@@ -172,6 +174,7 @@ class ReportWatch:
         now = self.now()
         seen = Observation(now, window_sessions(snapshot.recent, now - self.settings.window, now),
                            snapshot.newest)
+        self.observation = seen
         self.state, events = decide(self.settings, self.state, seen)
         for event in events:
             self._record(event)

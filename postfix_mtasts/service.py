@@ -566,6 +566,8 @@ class Service:
         self._control_port: IListeningPort | None = None
         self._metrics_port: IListeningPort | None = None
         self._metrics_registry: Any = None
+        self.report_store: Any = None
+        self.report_watch: Any = None
         self._heartbeat: Any = None
         self._reloading: Deferred[Any] | None = None
 
@@ -588,6 +590,7 @@ class Service:
             except StartupError as e:
                 # Postfix's lookups matter more than the admin's socket: serve without it.
                 log.warning("%s; postfix-mtasts ctl will not reach this daemon", e)
+            await self._start_reports(config)
             await self._listen_metrics(config)
             if user is not None:
                 self._drop_privileges(user)
@@ -613,6 +616,34 @@ class Service:
             if port is not None:
                 await _stop_listening(port)
         self._control_port = self._metrics_port = None
+        watch, self.report_watch = self.report_watch, None
+        if watch is not None:
+            await watch.stop()
+        store, self.report_store = self.report_store, None
+        if store is not None:
+            await store.close()
+
+    # --- the TLS report store and its watch ---------------------------------------
+
+    async def _start_reports(self, config: Config) -> None:
+        """Open the report store and watch it (alerts, metrics, /reports). A store that cannot
+        be opened is one WARNING line: Postfix's lookups matter more."""
+        from postfix_mtasts.reportwatch import ReportWatch
+        from postfix_mtasts.tlsrpt.store import ReportStoreError, open_store
+        from postfix_mtasts.tlsrpt.store.threaded import ThreadedReportStore
+
+        if not _wants_reports(config):
+            return
+        store = ThreadedReportStore(self.reactor, lambda: open_store(config.reports))
+        try:
+            await store.open()
+        except ReportStoreError as e:
+            log.warning("%s; TLS reports are not watched", e)
+            return
+        self.report_store = store
+        self.report_watch = ReportWatch(self.reactor, store, config.reports)
+        self.report_watch.start()
+        log.info("watching the TLS report store %s", store.location)
 
     # --- control and metrics listeners ------------------------------------------
 
@@ -645,13 +676,18 @@ class Service:
             ) from e
         if self._metrics_registry is None:
             self._metrics_registry = metrics.build_registry(self)
+        reports = None
+        if self.report_watch is not None:
+            from postfix_mtasts.reportweb import reports_resource
+
+            reports = reports_resource(self.reactor, self.report_watch, config)
         try:
             endpoint = server_endpoint(self.reactor, address, self.daemon.listen_environment)
-            port = await metrics.listen(endpoint, self._metrics_registry)
+            port = await metrics.listen(endpoint, metrics.HttpRoot(self._metrics_registry, reports))
         except Exception as e:
             raise StartupError(f"cannot listen on {address} (metrics): {one_line(e)}") from e
         self._metrics_port = port
-        log.info("serving Prometheus metrics on %s", address)
+        log.info("serving Prometheus metrics%s on %s", " and TLS reports" if reports else "", address)
 
     # --- privileges -------------------------------------------------------------
 
@@ -688,6 +724,12 @@ class Service:
                 paths.append(directory)
             paths.append(database)
             paths.extend(database + suffix for suffix in SQLITE_SIDE_FILES)
+        reports = self.report_store.location if self.report_store is not None else ""
+        if reports.startswith("/"):
+            if os.path.basename(os.path.dirname(reports)) == OWN_DIRECTORY_NAME:
+                paths.append(os.path.dirname(reports))
+            paths.append(reports)
+            paths.extend(reports + suffix for suffix in SQLITE_SIDE_FILES)
         if self.control_path:
             directory = os.path.dirname(self.control_path)
             if os.path.basename(directory).startswith(OWN_DIRECTORY_NAME):
@@ -755,6 +797,16 @@ class Service:
                 notes.append(f"metrics off ({e})")
             else:
                 notes.append(f"metrics on {new.http.listen}" if new.http.listen else "metrics off")
+        if new.reports != old.reports and self.report_watch is not None:
+            from postfix_mtasts.reportwatch import alert_settings
+
+            self.report_watch.config = new.reports
+            self.report_watch.settings = alert_settings(new.reports)
+            notes.append("report alerts updated")
+            if (new.reports.path, new.reports.dsn, new.reports.schema) != (
+                old.reports.path, old.reports.dsn, old.reports.schema
+            ):
+                log.warning("reports.path, dsn or schema changed: it takes effect at the next restart")
         if new.log != old.log:
             logsetup.configure(level, syslog=new.log.syslog)
             notes.append(f"log level {logging.getLevelName(level).lower()}")
@@ -805,6 +857,19 @@ class Service:
             feed=interval is not None,
         )
         self._heartbeat.start()
+
+
+def _wants_reports(config: Config) -> bool:
+    """Whether to open the report store: the configuration uses it (a store, a mailbox, alert
+    mail, the HTTP listener), or ``report ingest`` already made the default one."""
+    reports = config.reports
+    if reports.path or reports.dsn or reports.maildir or reports.imap or reports.alert_mail_to:
+        return True
+    if config.http.listen is not None:
+        return True
+    from postfix_mtasts.tlsrpt.store.sqlite import default_path
+
+    return os.path.exists(default_path())
 
 
 def _service_user(name: str) -> pwd.struct_passwd | None:

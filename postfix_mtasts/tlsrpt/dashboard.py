@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 
+from postfix_mtasts.check.findings import Finding, Level, summary
 from postfix_mtasts.tlsrpt.explain import NO_POLICY_FOUND
 from postfix_mtasts.tlsrpt.model import PolicyType
 from postfix_mtasts.tlsrpt.series import (
@@ -334,3 +335,51 @@ def _short(value: int) -> str:
     if value >= 1_000:
         return f"{value / 1_000:.1f}k"
     return str(value)
+
+
+# --- the audit of one domain ---------------------------------------------------------
+
+
+def render_check(domain: str, findings: Sequence[Finding], *, checked: datetime,
+                 back: str = "/reports") -> str:
+    """What ``postfix-mtasts check DOMAIN`` found, as a page linked from the dashboard."""
+    rows = []
+    for f in findings:
+        detail = ""
+        if f.level is not Level.OK:
+            detail = (f'<div class="explain"><b>Means:</b> {escape(f.meaning)}<br>'
+                      f"<b>Fix:</b> {escape(f.fix)}</div>")
+        rows.append(
+            f'<tr class="finding {f.level.value}" data-topic="{escape(f.topic)}">'
+            f'<td class="level {_LEVEL_TONE[f.level]}">{escape(f.level.symbol)}</td>'
+            f"<td>{escape(f.message)}{detail}</td></tr>"
+        )
+    return _small_page(
+        f"check {domain}",
+        f"<h2>postfix-mtasts check {escape(domain)}</h2>"
+        f'<p class="empty">{escape(summary(domain, findings))}; checked '
+        f"{escape(checked.strftime('%Y-%m-%d %H:%M:%S UTC'))} with the daemon's resolver settings.</p>"
+        f'<table id="findings"><tbody>{"".join(rows)}</tbody></table>'
+        f'<p><a href="{escape(back)}">Back to the TLS reports</a></p>',
+    )
+
+
+def render_problem(title: str, text: str, back: str = "/reports") -> str:
+    """A short page for a request the dashboard cannot answer (unknown domain, busy)."""
+    return _small_page(title, f"<h2>{escape(title)}</h2><p>{escape(text)}</p>"
+                              f'<p><a href="{escape(back)}">Back to the TLS reports</a></p>')
+
+
+_LEVEL_TONE = {Level.OK: "ok", Level.WARNING: "warn", Level.ERROR: "bad"}
+
+
+def _small_page(title: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}: postfix-mtasts</title><style>{_CSS}"
+        "td.level { width: 1.5rem; font-weight: bold; } td.warn { color: var(--warn); }"
+        "td.ok { color: var(--ok); } td.bad { color: var(--bad); }</style></head><body>"
+        "<header><h1>SMTP TLS reports (RFC 8460)</h1></header>"
+        f"<main>{body}</main></body></html>\n"
+    )
