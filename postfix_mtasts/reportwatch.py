@@ -121,6 +121,10 @@ class ReportWatch:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        await self.mail_done()
+
+    async def mail_done(self) -> None:
+        """Wait until every alert mail started so far was taken by sendmail (or failed)."""
         for pending in list(self._mailing):
             await pending
 
