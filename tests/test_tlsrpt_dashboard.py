@@ -71,8 +71,8 @@ def test_open_alerts_are_shown_above_the_figures() -> None:
     html = page([report(TODAY)], AlertBanner(domains=(("example.com", "10 of 100 failed <b>"),),
                                              silent_reporters=(("Mail.Ru", "silent for 9 days"),)))
     alerts = html[html.index('id="alerts"'):html.index('class="figures"')]
-    assert "<b>example.com</b>: 10 of 100 failed &lt;b&gt;" in alerts
-    assert "reporter <b>Mail.Ru</b>: silent for 9 days" in alerts
+    assert '<li data-name="example.com">10 of 100 failed &lt;b&gt;</li>' in alerts
+    assert '<li data-name="Mail.Ru">silent for 9 days</li>' in alerts
 
 
 def test_no_reports_say_so_and_many_domains_are_bounded() -> None:

@@ -44,7 +44,7 @@ CHART_LABEL_EVERY = 14
 
 @dataclass(frozen=True)
 class AlertBanner:
-    """What the alert service currently warns about, shown above the figures."""
+    """What the alert service currently warns about, shown above the figures: (name, line) pairs."""
 
     domains: tuple[tuple[str, str], ...] = ()
     silent_reporters: tuple[tuple[str, str], ...] = ()
@@ -150,9 +150,8 @@ def render_dashboard(view: DashboardView, *, generated: datetime, banner: AlertB
 def _banner(banner: AlertBanner | None) -> str:
     if banner is None or not (banner.domains or banner.silent_reporters):
         return ""
-    items = [f"<li><b>{escape(domain)}</b>: {escape(text)}</li>" for domain, text in banner.domains]
-    items += [f"<li>reporter <b>{escape(name)}</b>: {escape(text)}</li>"
-              for name, text in banner.silent_reporters]
+    items = [f'<li data-name="{escape(name)}">{escape(text)}</li>'
+             for name, text in (*banner.domains, *banner.silent_reporters)]
     return f'<div class="alerts" id="alerts"><h2>Open alerts</h2><ul>{"".join(items)}</ul></div>'
 
 
@@ -206,8 +205,8 @@ def _domain_section(index: int, d: DomainView, check_path: str) -> str:
         parts.append(f'<p class="explain"><b>no-policy-found:</b> {escape(NO_POLICY_FOUND.meaning)} '
                      f"{escape(NO_POLICY_FOUND.fix)}</p>" if not d.failed else
                      f'<p class="explain"><b>no-policy-found:</b> {escape(NO_POLICY_FOUND.meaning)}</p>')
+    parts.append("<h3>By reporter</h3>" + _reporters(d))
     parts.append('<div class="grid">')
-    parts.append("<div><h3>By reporter</h3>" + _reporters(d) + "</div>")
     if d.failed:
         parts.append("<div><h3>Failures by sending MTA</h3>"
                      + _breakdown(d.sending_mtas, "Sending MTA IP", "sending") + "</div>")
@@ -255,6 +254,8 @@ def _reporters(d: DomainView) -> str:
 
 def _breakdown(table: Breakdown, heading: str, css: str) -> str:
     rows = [f'<tr><td class="code">{escape(r.name)}</td><td class="n">{r.failed:,}</td></tr>'
+            if r.name != "-" else
+            f'<tr><td class="empty">(not reported)</td><td class="n">{r.failed:,}</td></tr>'
             for r in table.rows]
     if table.other_rows:
         others = "other" if table.other_rows == 1 else "others"
