@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -148,23 +149,28 @@ class CheckPage(Resource):
         return 200, render_check(domain, checked.findings, checked=checked.at)
 
     async def _check(self, domain: str) -> _Checked:
-        waiting = self._running.get(domain)
-        if waiting is not None:  # the same domain is being checked: wait for that audit
-            mine: Deferred[_Checked] = Deferred()
-            waiting.append(mine)
-            return await mine
-        self._running[domain] = []
-        try:
-            findings = await self.audit(domain)
-        except BaseException as e:
-            for waiter in self._running.pop(domain):
-                waiter.errback(e)
-            raise
-        checked = _Checked(self.watch.now(), findings)
+        """Wait for the audit of ``domain``, starting it unless it runs; a request that goes away
+        stops waiting, the audit runs on (to its own deadlines) for the others and the cache."""
+        if domain not in self._running:
+            self._running[domain] = []
+            Deferred.fromCoroutine(self.audit(domain)).addBoth(self._audited, domain)
+        mine: Deferred[_Checked] = Deferred()
+        self._running[domain].append(mine)
+        return await mine
+
+    def _audited(self, result: list[Finding] | Failure, domain: str) -> None:
+        waiting = self._running.pop(domain)
+        if isinstance(result, Failure):
+            log.error("check %s from the TLS report page failed: %s", domain, result.getErrorMessage())
+            for waiter in waiting:
+                if not waiter.called:
+                    waiter.errback(result)
+            return
+        checked = _Checked(self.watch.now(), result)
         self._done[domain] = checked
-        for waiter in self._running.pop(domain):
-            waiter.callback(checked)
-        return checked
+        for waiter in waiting:
+            if not waiter.called:
+                waiter.callback(checked)
 
     def _forget_old(self, now: datetime) -> None:
         for domain, checked in list(self._done.items()):

@@ -2,7 +2,9 @@
 corpus and a recent month), then /reports rendered by headless Chromium (charts in the DOM it
 built, a non-blank screenshot with the bar colours), /reports/check running the real audit
 against a loopback world (only for domains in the reports), /metrics parsed with
-prometheus_client's parser and matching ``report show``, and the alert logged once."""
+prometheus_client's parser and matching ``report show``, and the alert logged once. Unit tests
+of the check page's bounds: one audit per domain at a time, at most two at once, results kept
+for a while."""
 
 from __future__ import annotations
 
@@ -20,14 +22,21 @@ from typing import Any
 import pytest
 import treq
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
 
+from postfix_mtasts import limits
+from postfix_mtasts.check.findings import Finding
+from postfix_mtasts.config import ReportsConfig
+from postfix_mtasts.reportwatch import ReportWatch
+from postfix_mtasts.reportweb import CheckPage
+from postfix_mtasts.tlsrpt.model import Report
+from postfix_mtasts.tlsrpt.store.memory import MemoryReportStore
 from tests.conftest import require
 from tests.support import tlsrpt_samples as samples
 from tests.support.daemon import LOOPBACK, DaemonProcess, async_yield_fixture, ensure_deferred, free_port
 from tests.support.png import colours
 from tests.support.world import World
-
-pytestmark = pytest.mark.integration
 
 #: The real-world reports, beside the checkout (as tests/test_tlsrpt_corpus.py finds them).
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "reports-real"
@@ -129,6 +138,7 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 @ensure_deferred
 async def test_the_dashboard_renders_in_headless_chromium(running: Running, tmp_path: Path) -> None:
     require("chromium", shutil.which("chromium") is not None)
@@ -165,6 +175,7 @@ async def test_the_dashboard_renders_in_headless_chromium(running: Running, tmp_
     assert seen[GREEN] > 1000 and seen[RED] > 100  # the bars were drawn
 
 
+@pytest.mark.integration
 @ensure_deferred
 async def test_a_check_link_runs_the_audit_only_for_domains_in_the_reports(running: Running) -> None:
     code, _, page = await running.get(f"/reports/check?domain={DOMAIN}")
@@ -182,6 +193,7 @@ async def test_a_check_link_runs_the_audit_only_for_domains_in_the_reports(runni
     assert code == 404
 
 
+@pytest.mark.integration
 @ensure_deferred
 async def test_metrics_match_the_store_and_the_alert_is_logged_once(running: Running) -> None:
     response = await treq.get(running.url + "/metrics", reactor=reactor())
@@ -217,3 +229,83 @@ async def test_metrics_match_the_store_and_the_alert_is_logged_once(running: Run
     assert 0.05 < gauges[("postfix_mtasts_tlsrpt_failure_ratio", DOMAIN)] < 0.2
     warnings = [line for line in running.daemon.stderr_lines if "WARNING" in line and DOMAIN in line]
     assert len(warnings) == 1 and "sessions failed over the last 3 days" in warnings[0]
+
+
+# --- the check page's bounds, with a fake audit ----------------------------------------------
+
+
+class FakeAudit:
+    """Audits that end when the test says so; counts how many were started per domain."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.pending: dict[str, list[Deferred[list[Finding]]]] = {}
+
+    async def __call__(self, domain: str) -> list[Finding]:
+        self.started.append(domain)
+        waiting: Deferred[list[Finding]] = Deferred()
+        self.pending.setdefault(domain, []).append(waiting)
+        return await waiting
+
+    def finish(self, domain: str) -> None:
+        for waiting in self.pending.pop(domain):
+            waiting.callback([Finding.ok("mta-sts-txt", f"{domain} has an _mta-sts TXT record")])
+
+
+def check_page(*domains: str) -> tuple[CheckPage, FakeAudit, Clock]:
+    store = MemoryReportStore()
+    day = datetime.now(UTC).date() - timedelta(days=1)
+    for domain in domains:
+        data = samples.report(report_id=domain, start=f"{day}T00:00:00Z", end=f"{day}T23:59:59Z",
+                              policies=[samples.policy(domain=domain)])
+        store.add(samples.json_bytes(data), "test")
+
+    class Store:
+        async def reports(self, since: datetime | None = None, domain: str | None = None) -> list[Report]:
+            return store.reports(since, domain)
+
+        async def count(self) -> int:
+            return store.count()
+
+    clock = Clock()
+    clock.advance(datetime.now(UTC).timestamp())
+    audit = FakeAudit()
+    return CheckPage(ReportWatch(clock, Store(), ReportsConfig()), audit), audit, clock
+
+
+@ensure_deferred
+async def test_one_audit_per_domain_at_a_time_and_its_result_kept_for_a_while() -> None:
+    page, audit, clock = check_page("a.example")
+    first = Deferred.fromCoroutine(page.page("a.example"))
+    second = Deferred.fromCoroutine(page.page("A.Example."))
+    assert audit.started == ["a.example"]
+    audit.finish("a.example")
+    for answer in (await first, await second):
+        assert answer[0] == 200 and "a.example has an _mta-sts TXT record" in answer[1]
+    clock.advance(limits.REPORT_CHECK_CACHE_SECONDS - 1)
+    assert (await page.page("a.example"))[0] == 200 and audit.started == ["a.example"]
+    clock.advance(1)
+    gone = Deferred.fromCoroutine(page.page("a.example"))
+    again = Deferred.fromCoroutine(page.page("a.example"))
+    assert audit.started == ["a.example", "a.example"]
+    gone.cancel()  # that client went away; the audit runs on for the other
+    gone.addErrback(lambda failure: failure.trap(CancelledError))
+    audit.finish("a.example")
+    assert (await again)[0] == 200
+
+
+@ensure_deferred
+async def test_at_most_two_audits_at_once_and_only_for_domains_in_the_reports() -> None:
+    page, audit, _clock = check_page("a.example", "b.example", "c.example")
+    running = [Deferred.fromCoroutine(page.page(d)) for d in ("a.example", "b.example")]
+    code, text = await page.page("c.example")
+    assert code == 503 and "try again" in text
+    assert audit.started == ["a.example", "b.example"]
+    code, text = await page.page("elsewhere.example")
+    assert code == 404 and "elsewhere.example is not a policy domain" in text
+    code, text = await page.page("not a domain")
+    assert code == 400
+    for domain in ("a.example", "b.example"):
+        audit.finish(domain)
+    for done in running:
+        assert (await done)[0] == 200
