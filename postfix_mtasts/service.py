@@ -802,6 +802,7 @@ class Service:
 
             self.report_watch.config = new.reports
             self.report_watch.settings = alert_settings(new.reports)
+            await self.report_watch.check()  # new thresholds judge the figures now
             notes.append("report alerts updated")
             if (new.reports.path, new.reports.dsn, new.reports.schema) != (
                 old.reports.path, old.reports.dsn, old.reports.schema

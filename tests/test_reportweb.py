@@ -9,8 +9,10 @@ for a while."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +25,7 @@ import pytest
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
 from postfix_mtasts import limits
 from postfix_mtasts.check.findings import Finding
@@ -42,6 +44,9 @@ from tests.support.world import World
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "reports-real"
 #: Guard against a hung child; not a performance assertion.
 CHILD_DEADLINE = 120
+#: How often, and how many times, the reload test looks at the daemon's log (a bound, not a timing).
+POLL_INTERVAL = 0.1
+RELOAD_POLLS = 300
 DOMAIN = "policy.example"
 EVIL = '<script>document.title="owned"</script>'
 #: The bar colours of the dashboard's CSS (successful, failed).
@@ -229,6 +234,24 @@ async def test_metrics_match_the_store_and_the_alert_is_logged_once(running: Run
     assert 0.05 < gauges[("postfix_mtasts_tlsrpt_failure_ratio", DOMAIN)] < 0.2
     warnings = [line for line in running.daemon.stderr_lines if "WARNING" in line and DOMAIN in line]
     assert len(warnings) == 1 and "sessions failed over the last 3 days" in warnings[0]
+
+
+@pytest.mark.integration
+@ensure_deferred
+async def test_a_reload_with_a_higher_alert_ratio_clears_the_alert_at_once(running: Running) -> None:
+    config = running.daemon.config_path
+    config.write_text(config.read_text().replace("reporter_silence_days = 0\n",
+                                                 "reporter_silence_days = 0\nalert_ratio = 0.5\n"))
+    os.kill(running.daemon.pid, signal.SIGHUP)
+    cleared = f"TLS reports for {DOMAIN}: back to normal, 480 of 4,989 sessions failed"
+    for _ in range(RELOAD_POLLS):
+        if any("report alerts updated" in line for line in running.daemon.stderr_lines):
+            break
+        await deferLater(reactor(), POLL_INTERVAL, lambda: None)
+    lines = running.daemon.stderr_lines
+    assert any(cleared in line and "INFO" in line for line in lines), "\n".join(lines)
+    code, _, page = await running.get("/reports")
+    assert code == 200 and 'id="alerts"' not in page
 
 
 # --- the check page's bounds, with a fake audit ----------------------------------------------
