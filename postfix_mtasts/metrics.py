@@ -35,6 +35,9 @@ NAMESPACE = "postfix_mtasts"
 METRICS_PATH = b"metrics"
 #: Where the TLS report dashboard is.
 REPORTS_PATH = b"reports"
+NOT_FOUND = b"not found: metrics are at /metrics, TLS reports at /reports\n"
+NO_REPORTS = (b"not found: this daemon has no TLS report store open: store reports with "
+              b"'postfix-mtasts report ingest', or set [reports] path or dsn\n")
 
 
 class MetricsSource(Protocol):
@@ -225,22 +228,26 @@ class HttpRoot(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path in (METRICS_PATH, b""):
             return self.metrics
-        if path == REPORTS_PATH and self.reports is not None:
-            return self.reports
-        return _NotFound()  # type: ignore[no-untyped-call]
+        if path == REPORTS_PATH:
+            return self.reports or _NotFound(NO_REPORTS)
+        return _NotFound()
 
 
 class _NotFound(Resource):
     isLeaf = True
 
+    def __init__(self, text: bytes = NOT_FOUND) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.text = text
+
     def render(self, request: Request) -> bytes:
-        return _not_found(request)
+        return _not_found(request, self.text)
 
 
-def _not_found(request: Request) -> bytes:
+def _not_found(request: Request, text: bytes = NOT_FOUND) -> bytes:
     request.setResponseCode(404)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
-    return b"not found: metrics are at /metrics, TLS reports at /reports\n"
+    return text
 
 
 async def listen(endpoint: Any, root: Resource) -> IListeningPort:

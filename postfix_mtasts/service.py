@@ -861,12 +861,10 @@ class Service:
 
 
 def _wants_reports(config: Config) -> bool:
-    """Whether to open the report store: the configuration uses it (a store, a mailbox, alert
-    mail, the HTTP listener), or ``report ingest`` already made the default one."""
+    """Whether to open the report store: the configuration names it (a store, a mailbox, alert
+    mail), or ``report ingest`` already made the default one. Nothing else creates it."""
     reports = config.reports
     if reports.path or reports.dsn or reports.maildir or reports.imap or reports.alert_mail_to:
-        return True
-    if config.http.listen is not None:
         return True
     from postfix_mtasts.tlsrpt.store.sqlite import default_path
 

@@ -36,7 +36,14 @@ from postfix_mtasts.tlsrpt.model import Report
 from postfix_mtasts.tlsrpt.store.memory import MemoryReportStore
 from tests.conftest import require
 from tests.support import tlsrpt_samples as samples
-from tests.support.daemon import LOOPBACK, DaemonProcess, async_yield_fixture, ensure_deferred, free_port
+from tests.support.daemon import (
+    LOOPBACK,
+    DaemonProcess,
+    async_yield_fixture,
+    daemon_environment,
+    ensure_deferred,
+    free_port,
+)
 from tests.support.png import colours
 from tests.support.world import World
 
@@ -44,7 +51,7 @@ from tests.support.world import World
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "reports-real"
 #: Guard against a hung child; not a performance assertion.
 CHILD_DEADLINE = 120
-#: How often, and how many times, the reload test looks at the daemon's log (a bound, not a timing).
+#: How often, and how many times, a test looks at the daemon's log (a bound, not a timing).
 POLL_INTERVAL = 0.1
 RELOAD_POLLS = 300
 DOMAIN = "policy.example"
@@ -83,8 +90,11 @@ def recent_reports(directory: Path, today: date) -> None:
     (directory / "evil.json").write_bytes(samples.json_bytes(hostile))
 
 
-def report_command(*args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "postfix_mtasts.cli", "report", *args],
+def report_command(*args: str, state_directory: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``postfix-mtasts report ...``; its default store is in ``state_directory``, as the daemon's
+    (never in the real /var/lib)."""
+    environment = daemon_environment(state_directory=str(state_directory or "/nonexistent"))
+    done = subprocess.run([sys.executable, "-m", "postfix_mtasts.cli", "report", *args], env=environment,
                           capture_output=True, text=True, timeout=CHILD_DEADLINE, check=False)
     assert "Traceback" not in done.stderr, done.stderr
     return done
@@ -132,6 +142,14 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     finally:
         await daemon.close()
         await world.stop()
+
+
+async def until_logged(daemon: DaemonProcess, fragment: str) -> None:
+    """Wait until the daemon has logged ``fragment`` (or give up after RELOAD_POLLS looks)."""
+    for _ in range(RELOAD_POLLS):
+        if any(fragment in line for line in daemon.stderr_lines):
+            return
+        await deferLater(reactor(), POLL_INTERVAL, lambda: None)
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
@@ -239,20 +257,41 @@ async def test_metrics_match_the_store_and_the_alert_is_logged_once(running: Run
 @pytest.mark.integration
 @ensure_deferred
 async def test_a_reload_with_a_higher_alert_ratio_clears_the_alert_at_once(running: Running) -> None:
+    await until_logged(running.daemon, f"TLS reports for {DOMAIN}: 480 of")  # the alert is open
     config = running.daemon.config_path
     config.write_text(config.read_text().replace("reporter_silence_days = 0\n",
                                                  "reporter_silence_days = 0\nalert_ratio = 0.5\n"))
     os.kill(running.daemon.pid, signal.SIGHUP)
     cleared = f"TLS reports for {DOMAIN}: back to normal, 480 of 4,989 sessions failed"
-    for _ in range(RELOAD_POLLS):
-        if any("report alerts updated" in line for line in running.daemon.stderr_lines):
-            break
-        await deferLater(reactor(), POLL_INTERVAL, lambda: None)
+    await until_logged(running.daemon, "report alerts updated")
     lines = running.daemon.stderr_lines
     assert any(cleared in line and "INFO" in line for line in lines), "\n".join(lines)
     code, _, page = await running.get("/reports")
     assert code == 200 and 'id="alerts"' not in page
 
+
+@pytest.mark.integration
+@ensure_deferred
+async def test_the_store_is_opened_only_when_used_or_already_made(tmp_path: Path) -> None:
+    port = free_port()
+    text = f'[listen]\nsocketmap = ["inet:{LOOPBACK}:{port}"]\n[cache]\nbackend = "memory"\n' \
+           f'[control]\nsocket = "{tmp_path}/control.sock"\n'
+    daemon = await DaemonProcess.start(reactor(), tmp_path, text)
+    await daemon.close()
+    assert not (tmp_path / "reports.sqlite3").exists()  # STATE_DIRECTORY is tmp_path
+    assert not any("TLS report store" in line for line in daemon.stderr_lines)
+
+    recent_reports(tmp_path / "recent", datetime.now(UTC).date())
+    stored = report_command("ingest", str(tmp_path / "recent"), state_directory=tmp_path)
+    assert stored.returncode == 0, stored.stderr
+    daemon = await DaemonProcess.start(reactor(), tmp_path, text)
+    try:
+        await until_logged(daemon, "TLS reports for policy.example")
+    finally:
+        await daemon.close()
+    lines = daemon.stderr_lines
+    assert any(f"watching the TLS report store {tmp_path}/reports.sqlite3" in line for line in lines), lines
+    assert any("WARNING" in line and "TLS reports for policy.example" in line for line in lines), lines
 
 # --- the check page's bounds, with a fake audit ----------------------------------------------
 
