@@ -91,7 +91,7 @@ class ReportWatch:
         self.config = config
         self.settings = alert_settings(config)
         self.interval = interval
-        self.host = host or socket.getfqdn()
+        self.host = host or socket.gethostname()  # getfqdn() may wait for DNS; this never does
         self.state = AlertState()
         #: The figures the last decision saw (window sessions per domain), for the gauges.
         self.observation = Observation(self.now(), {}, {})

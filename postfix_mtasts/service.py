@@ -797,6 +797,8 @@ class Service:
                 notes.append(f"metrics off ({e})")
             else:
                 notes.append(f"metrics on {new.http.listen}" if new.http.listen else "metrics off")
+        if new.reports != old.reports and self.report_watch is None and _wants_reports(new):
+            log.warning("the TLS report store is opened at the next restart")
         if new.reports != old.reports and self.report_watch is not None:
             from postfix_mtasts.reportwatch import alert_settings
 
