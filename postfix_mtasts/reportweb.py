@@ -60,8 +60,11 @@ def _respond(request: Request, work: Coroutine[Any, Any, tuple[int, str]]) -> in
         request.setHeader(b"content-type", HTML)  # type: ignore[no-untyped-call]
         request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
         request.setHeader(  # type: ignore[no-untyped-call]
-            b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+            b"content-security-policy",
+            b"default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'",
         )
+        request.setHeader(b"x-content-type-options", b"nosniff")  # type: ignore[no-untyped-call]
+        request.setHeader(b"referrer-policy", b"no-referrer")  # type: ignore[no-untyped-call]
         request.write(page.encode("utf-8"))  # type: ignore[no-untyped-call]
         request.finish()  # type: ignore[no-untyped-call]
 

@@ -168,6 +168,8 @@ async def test_the_dashboard_renders_in_headless_chromium(running: Running, tmp_
     code, headers, _ = await running.get("/reports")
     assert code == 200 and headers["content-type"] == "text/html; charset=utf-8"
     assert "default-src 'none'" in headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff"
 
     # The daemon is another process: blocking here while Chromium loads the page is fine.
     dumped = chromium("--dump-dom", running.url + "/reports", profile=tmp_path / "p1")
