@@ -28,8 +28,12 @@ from postfix_mtasts.config import ReportsConfig
 from postfix_mtasts.tlsrpt.alerts import (
     AlertSettings,
     AlertState,
+    DomainAlert,
+    DomainCleared,
     Event,
     Observation,
+    ReporterBack,
+    ReporterSilent,
     alert_mail,
     decide,
     describe,
@@ -192,8 +196,6 @@ class ReportWatch:
         return events
 
     def _record(self, event: Event) -> None:
-        from postfix_mtasts.tlsrpt.alerts import DomainAlert, DomainCleared, ReporterBack, ReporterSilent
-
         if isinstance(event, DomainAlert):
             self.open_domains[event.domain] = event
         elif isinstance(event, DomainCleared):
