@@ -566,10 +566,12 @@ class Service:
         self._control_port: IListeningPort | None = None
         self._metrics_port: IListeningPort | None = None
         self._metrics_registry: Any = None
+        self.report_store: Any = None
+        self.report_watch: Any = None
         self._heartbeat: Any = None
         self._reloading: Deferred[Any] | None = None
-        #: The report store and the mailboxes read into it (tlsrpt.intake), if configured.
-        self.reports: Any = None
+        #: The Maildir and IMAP folder read into the report store (tlsrpt.intake), if configured.
+        self.report_intake: Any = None
 
     @property
     def config(self) -> Config:
@@ -590,10 +592,11 @@ class Service:
             except StartupError as e:
                 # Postfix's lookups matter more than the admin's socket: serve without it.
                 log.warning("%s; postfix-mtasts ctl will not reach this daemon", e)
+            await self._start_reports(config)
             await self._listen_metrics(config)
             if user is not None:
                 self._drop_privileges(user)
-            await self._start_reports(config)  # as the service user: it owns what it creates
+            self._start_report_intake(config)  # as the service user, who reads and moves the mail
         except StartupError:
             await self._stop_extras()
             await self.daemon.stop()
@@ -611,28 +614,58 @@ class Service:
         await self._stop_extras()
         await self.daemon.stop()
 
-    async def _start_reports(self, config: Config) -> None:
-        from postfix_mtasts.tlsrpt import intake
-        from postfix_mtasts.tlsrpt.imap import ImapError
-        from postfix_mtasts.tlsrpt.store import ReportStoreError
-
-        if not intake.wanted(config.reports):
-            return
-        reports = intake.ReportIntake(self.reactor, config.reports)
-        try:
-            await reports.start()
-        except (ReportStoreError, ImapError) as e:
-            raise StartupError(str(e)) from e
-        self.reports = reports
-
     async def _stop_extras(self) -> None:
-        if self.reports is not None:
-            reports, self.reports = self.reports, None
-            await reports.stop()
+        intake, self.report_intake = self.report_intake, None
+        if intake is not None:
+            await intake.stop()
         for port in (self._control_port, self._metrics_port):
             if port is not None:
                 await _stop_listening(port)
         self._control_port = self._metrics_port = None
+        watch, self.report_watch = self.report_watch, None
+        if watch is not None:
+            await watch.stop()
+        store, self.report_store = self.report_store, None
+        if store is not None:
+            await store.close()
+
+    # --- the TLS report store and its watch ---------------------------------------
+
+    async def _start_reports(self, config: Config) -> None:
+        """Open the report store and watch it (alerts, metrics, /reports). A store that cannot
+        be opened is one WARNING line: Postfix's lookups matter more."""
+        from postfix_mtasts.reportwatch import ReportWatch
+        from postfix_mtasts.tlsrpt.store import ReportStoreError, open_store
+        from postfix_mtasts.tlsrpt.store.threaded import ThreadedReportStore
+
+        if not _wants_reports(config):
+            return
+        store = ThreadedReportStore(self.reactor, lambda: open_store(config.reports))
+        try:
+            await store.open()
+        except ReportStoreError as e:
+            log.warning("%s; TLS reports are not watched", e)
+            return
+        self.report_store = store
+        self.report_watch = ReportWatch(self.reactor, store, config.reports)
+        self.report_watch.start()
+        log.info("watching the TLS report store %s", store.location)
+
+    def _start_report_intake(self, config: Config) -> None:
+        """Read reports from the configured Maildir and IMAP folder into the
+        open report store. Like the store, one WARNING line when it cannot."""
+        from postfix_mtasts.tlsrpt.imap import ImapError
+        from postfix_mtasts.tlsrpt.intake import ReportIntake, wanted
+
+        if self.report_store is None or not wanted(config.reports):
+            return  # (a store that cannot be opened was logged already)
+        intake = ReportIntake(self.reactor, self.report_store, config.reports)
+        try:
+            intake.start()
+        except ImapError as e:
+            log.warning("%s; TLS reports are not read from mailboxes", e)
+            return
+        self.report_intake = intake
 
     # --- control and metrics listeners ------------------------------------------
 
@@ -653,25 +686,30 @@ class Service:
         log.info("control socket on %s (mode %04o)", path, config.control.mode)
 
     async def _listen_metrics(self, config: Config) -> None:
-        address = config.metrics.listen
+        address = config.http.listen
         if address is None:
             return
         try:
             from postfix_mtasts import metrics
         except ImportError as e:
             raise StartupError(
-                f"metrics.listen = \"{address}\" needs prometheus_client: "
+                f"{config.http.key} = \"{address}\" needs prometheus_client: "
                 f"pip install 'postfix-mtasts[metrics]' ({e})"
             ) from e
         if self._metrics_registry is None:
             self._metrics_registry = metrics.build_registry(self)
+        reports = None
+        if self.report_watch is not None:
+            from postfix_mtasts.reportweb import reports_resource
+
+            reports = reports_resource(self.reactor, self.report_watch, config)
         try:
             endpoint = server_endpoint(self.reactor, address, self.daemon.listen_environment)
-            port = await metrics.listen(endpoint, self._metrics_registry)
+            port = await metrics.listen(endpoint, metrics.HttpRoot(self._metrics_registry, reports))
         except Exception as e:
             raise StartupError(f"cannot listen on {address} (metrics): {one_line(e)}") from e
         self._metrics_port = port
-        log.info("serving Prometheus metrics on %s", address)
+        log.info("serving Prometheus metrics%s on %s", " and TLS reports" if reports else "", address)
 
     # --- privileges -------------------------------------------------------------
 
@@ -708,6 +746,12 @@ class Service:
                 paths.append(directory)
             paths.append(database)
             paths.extend(database + suffix for suffix in SQLITE_SIDE_FILES)
+        reports = self.report_store.location if self.report_store is not None else ""
+        if reports.startswith("/"):
+            if os.path.basename(os.path.dirname(reports)) == OWN_DIRECTORY_NAME:
+                paths.append(os.path.dirname(reports))
+            paths.append(reports)
+            paths.extend(reports + suffix for suffix in SQLITE_SIDE_FILES)
         if self.control_path:
             directory = os.path.dirname(self.control_path)
             if os.path.basename(directory).startswith(OWN_DIRECTORY_NAME):
@@ -766,7 +810,7 @@ class Service:
                 if old_port is not None:
                     await _stop_listening(old_port)
                 notes.append(f"control socket {self.control_path}")
-        if new.metrics != old.metrics:
+        if new.http != old.http:
             old_metrics = self._metrics_port
             if old_metrics is not None:
                 await _stop_listening(old_metrics)
@@ -776,7 +820,20 @@ class Service:
             except StartupError as e:
                 notes.append(f"metrics off ({e})")
             else:
-                notes.append(f"metrics on {new.metrics.listen}" if new.metrics.listen else "metrics off")
+                notes.append(f"metrics on {new.http.listen}" if new.http.listen else "metrics off")
+        if new.reports != old.reports and self.report_watch is None and _wants_reports(new):
+            log.warning("the TLS report store is opened at the next restart")
+        if new.reports != old.reports and self.report_watch is not None:
+            from postfix_mtasts.reportwatch import alert_settings
+
+            self.report_watch.config = new.reports
+            self.report_watch.settings = alert_settings(new.reports)
+            await self.report_watch.check()  # new thresholds judge the figures now
+            notes.append("report alerts updated")
+            if (new.reports.path, new.reports.dsn, new.reports.schema) != (
+                old.reports.path, old.reports.dsn, old.reports.schema
+            ):
+                log.warning("reports.path, dsn or schema changed: it takes effect at the next restart")
         if new.log != old.log:
             logsetup.configure(level, syslog=new.log.syslog)
             notes.append(f"log level {logging.getLevelName(level).lower()}")
@@ -827,6 +884,17 @@ class Service:
             feed=interval is not None,
         )
         self._heartbeat.start()
+
+
+def _wants_reports(config: Config) -> bool:
+    """Whether to open the report store: the configuration names it (a store, a mailbox, alert
+    mail), or ``report ingest`` already made the default one. Nothing else creates it."""
+    reports = config.reports
+    if reports.path or reports.dsn or reports.maildir or reports.imap or reports.alert_mail_to:
+        return True
+    from postfix_mtasts.tlsrpt.store.sqlite import default_path
+
+    return os.path.exists(default_path())
 
 
 def _service_user(name: str) -> pwd.struct_passwd | None:
