@@ -796,8 +796,6 @@ class Service:
             raise ReloadRefused(str(e)) from e
         if new.service != old.service:
             log.warning("service.user changed: it takes effect at the next restart")
-        if new.reports != old.reports:
-            log.warning("[reports] changed: it takes effect at the next restart")
         notes = await self.daemon.apply(new)
         if new.control != old.control:
             old_port, old_path = self._control_port, self.control_path
@@ -834,6 +832,11 @@ class Service:
                 old.reports.path, old.reports.dsn, old.reports.schema
             ):
                 log.warning("reports.path, dsn or schema changed: it takes effect at the next restart")
+            if (new.reports.maildir, new.reports.imap, new.reports.poll_interval) != (
+                old.reports.maildir, old.reports.imap, old.reports.poll_interval
+            ):
+                log.warning("reports.maildir, imap or poll_interval changed: "
+                            "it takes effect at the next restart")
         if new.log != old.log:
             logsetup.configure(level, syslog=new.log.syslog)
             notes.append(f"log level {logging.getLevelName(level).lower()}")
