@@ -42,7 +42,13 @@ def _install_reactor(asyncio_needed: bool) -> Any:
         if asyncio_needed:
             from twisted.internet import asyncioreactor
 
-            asyncioreactor.install(asyncio.new_event_loop())  # type: ignore[no-untyped-call]
+            loop = asyncio.new_event_loop()
+            # The reactor runs this loop, but does not make it the thread's
+            # current one: without this, a store opened from callWhenRunning
+            # (before the loop turns) would put its asyncio task on another
+            # loop that never runs, and time out.
+            asyncio.set_event_loop(loop)
+            asyncioreactor.install(loop)  # type: ignore[no-untyped-call]
         else:
             from twisted.internet import default
 
@@ -219,7 +225,8 @@ def _serve(reactor: Any, config: Any, verbosity: int = 0) -> int:
 
     from twisted.internet.defer import Deferred
 
-    from postfix_mtasts.service import ReloadRefused, Service, StartupError
+    from postfix_mtasts.errors import ReloadRefused, StartupError
+    from postfix_mtasts.service import Service
     from postfix_mtasts.sysmem import tune_collector
 
     tune_collector()

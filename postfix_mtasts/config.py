@@ -174,9 +174,14 @@ class PostgresqlConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     backend: Literal["sqlite", "memory", "redis", "postgresql"] = "sqlite"
-    #: SQLite file; empty means the store picks its default location.
+    #: SQLite file; empty means the store picks its default location. With a
+    #: shared backend it holds the daemon's local copy.
     path: str = ""
     memory_entries: int = limits.MEMORY_ENTRIES
+    #: With a shared backend: keep a local durable copy (cache.layered) under it.
+    local_copy: bool = True
+    #: With a shared backend: how long start-up waits for it to open.
+    open_deadline: float = limits.STORE_OPEN_DEADLINE
     redis: RedisConfig = field(default_factory=RedisConfig)
     postgresql: PostgresqlConfig = field(default_factory=PostgresqlConfig)
 
@@ -756,16 +761,18 @@ class _Reader:
             socketmap=socketmap,
             tcp_table=tcp_table,
             socketmap_idle_timeout=self.seconds(
-                data, "socketmap_idle_timeout", prefix, limits.SOCKETMAP_IDLE_TIMEOUT, 1
+                data, "socketmap_idle_timeout", prefix, defaults.socketmap_idle_timeout, 1
             ),
             tcp_table_idle_timeout=self.seconds(
-                data, "tcp_table_idle_timeout", prefix, limits.TCP_TABLE_IDLE_TIMEOUT, 1
+                data, "tcp_table_idle_timeout", prefix, defaults.tcp_table_idle_timeout, 1
             ),
         )
 
     def cache(self, data: Mapping[str, object]) -> CacheConfig:
         prefix = "cache"
-        self.table(data, prefix, ("backend", "path", "memory_entries", "redis", "postgresql"))
+        defaults = CacheConfig()
+        self.table(data, prefix, ("backend", "path", "memory_entries", "local_copy", "open_deadline",
+                                  "redis", "postgresql"))
         backend = self.choice(data, "backend", prefix, CACHE_BACKENDS, "sqlite")
         return CacheConfig(
             backend=backend,  # type: ignore[arg-type]  # checked against CACHE_BACKENDS
@@ -774,9 +781,13 @@ class _Reader:
                 data,
                 "memory_entries",
                 prefix,
-                limits.MEMORY_ENTRIES,
+                defaults.memory_entries,
                 1,
                 MEMORY_ENTRIES_MAX,
+            ),
+            local_copy=self.boolean(data, "local_copy", prefix, True),
+            open_deadline=self.seconds(
+                data, "open_deadline", prefix, defaults.open_deadline, 0, above=True
             ),
             redis=self.redis(self.subtable(data, "redis", prefix)),
             postgresql=self.postgresql(self.subtable(data, "postgresql", prefix)),
@@ -824,6 +835,7 @@ class _Reader:
 
     def resolver(self, data: Mapping[str, object]) -> ResolverConfig:
         prefix = "resolver"
+        defaults = ResolverConfig()
         self.table(data, prefix, ("nameservers", "ca_file", "dns_timeout", "fetch_timeout", "https_port"))
         ca_file = self.path(data, "ca_file", prefix)
         if ca_file and not os.path.isfile(ca_file):
@@ -832,29 +844,30 @@ class _Reader:
         return ResolverConfig(
             nameservers=self.items(data, "nameservers", prefix, _parse_nameserver, "127.0.0.1"),
             ca_file=ca_file,
-            dns_timeout=self.seconds(data, "dns_timeout", prefix, limits.DNS_TIMEOUT, 0, above=True),
-            fetch_timeout=self.seconds(data, "fetch_timeout", prefix, limits.FETCH_TIMEOUT, 0, above=True),
+            dns_timeout=self.seconds(data, "dns_timeout", prefix, defaults.dns_timeout, 0, above=True),
+            fetch_timeout=self.seconds(data, "fetch_timeout", prefix, defaults.fetch_timeout, 0, above=True),
             https_port=self.integer(data, "https_port", prefix, 443, 1, 65535),
         )
 
     def policy(self, data: Mapping[str, object]) -> PolicyConfig:
         prefix = "policy"
+        defaults = PolicyConfig()
         keys = tuple(PolicyConfig.__dataclass_fields__)
         self.table(data, prefix, keys)
-        negative_ttl_min = self.seconds(data, "negative_ttl_min", prefix, limits.NEGATIVE_TTL_MIN, 1)
-        negative_ttl_max = self.seconds(data, "negative_ttl_max", prefix, limits.NEGATIVE_TTL_MAX, 1)
+        negative_ttl_min = self.seconds(data, "negative_ttl_min", prefix, defaults.negative_ttl_min, 1)
+        negative_ttl_max = self.seconds(data, "negative_ttl_max", prefix, defaults.negative_ttl_max, 1)
         if negative_ttl_max < negative_ttl_min:
             raise self.fail(
                 f"{prefix}.negative_ttl_max",
                 f"must be >= policy.negative_ttl_min ({negative_ttl_min:g}), got {negative_ttl_max:g}",
             )
         return PolicyConfig(
-            recheck_interval=self.seconds(data, "recheck_interval", prefix, limits.RECHECK_INTERVAL, 1),
+            recheck_interval=self.seconds(data, "recheck_interval", prefix, defaults.recheck_interval, 1),
             recheck_deadline=self.seconds(
                 data,
                 "recheck_deadline",
                 prefix,
-                limits.RECHECK_DEADLINE,
+                defaults.recheck_deadline,
                 0,
                 below=POSTFIX_LOOKUP_TIMEOUT,
             ),
@@ -862,7 +875,7 @@ class _Reader:
                 data,
                 "first_lookup_deadline",
                 prefix,
-                limits.FIRST_LOOKUP_DEADLINE,
+                defaults.first_lookup_deadline,
                 0,
                 above=True,
                 below=POSTFIX_LOOKUP_TIMEOUT,
@@ -875,21 +888,23 @@ class _Reader:
                 "notfound",
             ),
             fetch_retry_backoff=self.seconds(
-                data, "fetch_retry_backoff", prefix, limits.FETCH_RETRY_BACKOFF, 1
+                data, "fetch_retry_backoff", prefix, defaults.fetch_retry_backoff, 1
             ),
             negative_ttl_min=negative_ttl_min,
             negative_ttl_max=negative_ttl_max,
-            refresh_after=self.seconds(data, "refresh_after", prefix, limits.REFRESH_AFTER, 1),
+            refresh_after=self.seconds(data, "refresh_after", prefix, defaults.refresh_after, 1),
             refresh_concurrency=self.integer(
                 data,
                 "refresh_concurrency",
                 prefix,
-                limits.REFRESH_CONCURRENCY,
+                defaults.refresh_concurrency,
                 1,
                 REFRESH_CONCURRENCY_MAX,
             ),
-            refresh_jitter=self.seconds(data, "refresh_jitter", prefix, limits.REFRESH_JITTER, 0),
-            refresh_idle_limit=self.seconds(data, "refresh_idle_limit", prefix, limits.REFRESH_IDLE_LIMIT, 1),
+            refresh_jitter=self.seconds(data, "refresh_jitter", prefix, defaults.refresh_jitter, 0),
+            refresh_idle_limit=self.seconds(
+                data, "refresh_idle_limit", prefix, defaults.refresh_idle_limit, 1
+            ),
             bracketed_next_hop=self.choice(  # type: ignore[arg-type]  # checked against the options
                 data, "bracketed_next_hop", prefix, BRACKETED_NEXT_HOP_MODES, "ignore"
             ),
@@ -917,10 +932,11 @@ class _Reader:
 
     def dane(self, data: Mapping[str, object]) -> DaneConfig:
         prefix = "dane"
+        defaults = DaneConfig()
         self.table(data, prefix, ("nameservers", "timeout"))
         return DaneConfig(
             nameservers=self.items(data, "nameservers", prefix, _parse_nameserver, "127.0.0.1"),
-            timeout=self.seconds(data, "timeout", prefix, limits.DNS_TIMEOUT, 0, above=True),
+            timeout=self.seconds(data, "timeout", prefix, defaults.timeout, 0, above=True),
         )
 
     def log(self, data: Mapping[str, object]) -> LogConfig:

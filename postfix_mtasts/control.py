@@ -30,6 +30,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
 from postfix_mtasts.cache import CacheEntry, StoreUnavailable
+from postfix_mtasts.errors import ReloadRefused
 from postfix_mtasts.lookup import PolicyLookup
 from postfix_mtasts.policy.nexthop import BracketedNextHop, Resolve, classify_key
 
@@ -173,8 +174,6 @@ class ControlHandler:
         if command == "stats":
             return {**lookup.stats.snapshot(), **self.backend.extra_stats()}
         if command == "reload":
-            from postfix_mtasts.service import ReloadRefused
-
             try:
                 return await self.backend.reload()
             except ReloadRefused as e:
@@ -203,7 +202,7 @@ class ControlHandler:
 
     async def _refresh_all(self, lookup: PolicyLookup) -> list[dict[str, str]]:
         """Refresh every cached domain, at most refresh_concurrency at a time."""
-        limit = DeferredSemaphore(max(1, lookup.settings.refresh_concurrency))
+        limit = DeferredSemaphore(max(1, lookup.settings.policy.refresh_concurrency))
         domains = sorted(entry.domain for entry in lookup.front.entries())
 
         async def one(domain: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
-"""Reporting the errors nobody expected: one ERROR line, with the traceback.
+"""Errors the daemon reports, and how.
 
-Expected failures (bad input, unreachable servers) are logged as one plain
-line where they happen; this is only for bugs, so the traceback is wanted.
+Expected failures (bad input, unreachable servers, a start-up or reload that
+cannot be done) are one plain line; :func:`log_failure` is only for bugs, so
+the traceback is wanted.
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ import logging
 
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``str(e)`` is one line for the admin."""
+
+
+class ReloadRefused(Exception):
+    """A new configuration was not applied; ``str(e)`` is one line for the admin."""
 
 
 def log_failure(logger: logging.Logger, what: str, failure: Failure) -> None:

@@ -54,10 +54,15 @@ REFRESH_JITTER = 300.0
 REFRESH_IDLE_LIMIT = 30 * 86_400.0
 #: Entries kept in the in-memory front of the cache.
 MEMORY_ENTRIES = 200_000
+#: How long start-up waits for a shared store (Redis, PostgreSQL) to open
+#: before declaring it down and serving from the local copy.
+STORE_OPEN_DEADLINE = 5.0
 #: Threads resolving policy hosts with the system resolver (getaddrinfo)
 #: when no nameservers are configured; a lookup waiting for a thread still
 #: counts against its fetch deadline.
 ADDRESS_LOOKUP_THREADS = 8
+#: Upper bounds (seconds) of the policy fetch duration histogram's buckets.
+FETCH_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # --- TLS reports ------------------------------------------------------------
 #: Seconds between two looks at the watched Maildir and IMAP folder.

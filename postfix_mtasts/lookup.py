@@ -15,7 +15,7 @@ import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
@@ -25,14 +25,15 @@ from twisted.python.failure import Failure
 from postfix_mtasts import limits
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source, StoreUnavailable
 from postfix_mtasts.cache.front import MemoryFront
+from postfix_mtasts.config import Config, PolicyConfig
 from postfix_mtasts.errors import is_cancellation, log_failure
 from postfix_mtasts.policy.answer import policy_answer
-from postfix_mtasts.policy.model import Answer, AnswerKind, Mode
+from postfix_mtasts.policy.freshness import FreshnessRules, Keep, after_fetch, after_fleet, after_txt
+from postfix_mtasts.policy.model import Answer, AnswerKind
 from postfix_mtasts.policy.tlsrpt import AnswerOptions, policy_failure_answer, with_sts_attributes
 from postfix_mtasts.resolver import (
     FetchOK,
     PolicyFetcher,
-    TxtAbsent,
     TxtFound,
     TxtResolver,
 )
@@ -45,15 +46,14 @@ log = logging.getLogger("postfix_mtasts.lookup")
 #: metaclass call, and the warm-hit path compares with it on every hit.
 _FETCHED = Source.FETCHED
 
-#: How long a FAILED entry for a domain whose DNS failed is kept: short,
-#: because DNS trouble is usually brief and there is no policy to protect.
-DNS_FAILURE_RETRY = 60.0
 #: Traces of the last resolution kept for ``ctl show``.
 TRACES_KEPT = 1000
 #: How often expired entries are pruned from the store.
 PRUNE_INTERVAL = 3600.0
 #: How often last-used times are written back to the store.
 TOUCH_FLUSH_INTERVAL = 600.0
+#: A fleet lease outlives the fetch it covers by this much (seconds).
+LEASE_MARGIN = 5.0
 #: How long a daemon waits for another fleet member that holds the lease.
 LEASE_WAIT = 10.0
 LEASE_POLL = 0.25
@@ -68,22 +68,22 @@ REFRESH_SLOT = 60.0
 
 @dataclass(frozen=True, slots=True)
 class LookupSettings:
-    """The ``[policy]`` and ``[cache]`` knobs the lookup obeys."""
+    """What the lookup obeys: the ``[policy]`` section as the configuration
+    parsed it, and the few values it takes from other sections."""
 
-    recheck_interval: float = limits.RECHECK_INTERVAL
-    recheck_deadline: float = limits.RECHECK_DEADLINE
-    first_lookup_deadline: float = limits.FIRST_LOOKUP_DEADLINE
-    temp_on_first_lookup_timeout: bool = False
-    fetch_retry_backoff: float = limits.FETCH_RETRY_BACKOFF
-    negative_ttl_min: float = limits.NEGATIVE_TTL_MIN
-    negative_ttl_max: float = limits.NEGATIVE_TTL_MAX
-    refresh_after: float = limits.REFRESH_AFTER
-    refresh_concurrency: int = limits.REFRESH_CONCURRENCY
-    refresh_jitter: float = limits.REFRESH_JITTER
-    refresh_idle_limit: float = limits.REFRESH_IDLE_LIMIT
-    refresh_scan_interval: float = limits.REFRESH_SCAN_INTERVAL
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     memory_entries: int = limits.MEMORY_ENTRIES
-    lease_ttl: float = limits.FETCH_TIMEOUT + 5.0
+    #: How long a fleet lease lasts: a fetch's bound plus LEASE_MARGIN.
+    lease_ttl: float = limits.FETCH_TIMEOUT + LEASE_MARGIN
+    refresh_scan_interval: float = limits.REFRESH_SCAN_INTERVAL
+
+    @classmethod
+    def from_config(cls, config: Config) -> LookupSettings:
+        return cls(
+            policy=config.policy,
+            memory_entries=config.cache.memory_entries,
+            lease_ttl=config.resolver.fetch_timeout + LEASE_MARGIN,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +173,7 @@ class PolicyLookup:
         # the policy does not queue it again.
         self._refresh_wheel: dict[int, list[str]] = {}
         self._refresh_slot = min(REFRESH_SLOT, settings.refresh_scan_interval)
-        self._refresh_limit = DeferredSemaphore(max(1, settings.refresh_concurrency))
+        self._refresh_limit = DeferredSemaphore(max(1, settings.policy.refresh_concurrency))
         self._refreshing: set[str] = set()
         self._touched: dict[str, float] = {}
         self._calls: list[IDelayedCall] = []
@@ -182,6 +182,10 @@ class PolicyLookup:
         self._store_failing = False
         # Entries a failing store could not take, written when it works again.
         self._unsaved: dict[str, CacheEntry] = {}
+        # The background warm-up, while it runs (start(warm_in_background=True)).
+        self._warming: Deferred[Any] | None = None
+        # Domains whose fleet lease this daemon holds, until their result is stored.
+        self._leases_held: set[str] = set()
 
     # --- life cycle --------------------------------------------------------
 
@@ -196,9 +200,15 @@ class PolicyLookup:
         self._schedule(PRUNE_INTERVAL, self._prune)
         self._schedule(TOUCH_FLUSH_INTERVAL, self._flush_touched)
         if warm_in_background:
-            self._spawn(self._warm_up(pause_every=WARM_UP_BATCH))
+            self._warming = self._spawn(self._warm_up(pause_every=WARM_UP_BATCH))
             return 0
         return await self._warm_up()
+
+    async def warmed(self) -> None:
+        """Wait until a background warm-up started by :meth:`start` is done."""
+        warming = self._warming
+        if warming is not None and not warming.called:
+            await _quiet(warming)
 
     async def _warm_up(self, pause_every: int | None = None) -> int:
         """Fill the front from the store; with ``pause_every``, let the reactor
@@ -288,7 +298,7 @@ class PolicyLookup:
         entry = slot.entry
         now = self.reactor.seconds()
         if now >= entry.expires_at or (entry.source is _FETCHED
-                                       and now - entry.checked_at >= self.settings.recheck_interval):
+                                       and now - entry.checked_at >= self.settings.policy.recheck_interval):
             return None
         answers = slot.answers
         answer = None if answers is None else answers.get(wanted.code)
@@ -358,7 +368,7 @@ class PolicyLookup:
             self._touched[domain] = now
             if self._recheck_due(entry, now):
                 shared = self._resolve_shared(domain)
-                left = self._time_left(domain, self.settings.recheck_deadline)
+                left = self._time_left(domain, self.settings.policy.recheck_deadline)
                 try:
                     resolution = await self._wait(shared, left)
                     entry = resolution.entry
@@ -366,19 +376,19 @@ class PolicyLookup:
                     if domain not in self._slow_checks_noted:  # one line per slow check
                         self._slow_checks_noted.add(domain)
                         log.info("%s: TXT check still running after %.1fs; answering from the cache",
-                                 domain, self.settings.recheck_deadline)
+                                 domain, self.settings.policy.recheck_deadline)
                 except Exception:
                     pass  # logged in _resolve_shared; the cached entry stands
             return self._entry_answer(entry, enforce_testing)
         self.stats.misses += 1
         # The store was read just above: the resolution starts from what it said.
         shared = self._resolve_shared(domain, stored=stored, store_read=True)
-        left = self._time_left(domain, self.settings.first_lookup_deadline)
+        left = self._time_left(domain, self.settings.policy.first_lookup_deadline)
         try:
             resolution = await self._wait(shared, left)
         except TimeoutError:
-            why = f"discovery still running after {self.settings.first_lookup_deadline:g}s"
-            if self.settings.temp_on_first_lookup_timeout:
+            why = f"discovery still running after {self.settings.policy.first_lookup_deadline:g}s"
+            if self.settings.policy.on_first_lookup_timeout == "temp":
                 log.info("%s: TEMP (%s; will answer from the result when it lands)", domain, why)
                 return Answer.temp(f"MTA-STS discovery for {domain} in progress")
             log.info("%s: not found (%s; RFC 8461 treats this as no policy)", domain, why)
@@ -392,7 +402,7 @@ class PolicyLookup:
     def _recheck_due(self, entry: CacheEntry, now: float) -> bool:
         return (
             entry.source is Source.FETCHED
-            and now - entry.checked_at >= self.settings.recheck_interval
+            and now - entry.checked_at >= self.settings.policy.recheck_interval
         )
 
     def _time_left(self, domain: str, deadline: float) -> float:
@@ -473,6 +483,17 @@ class PolicyLookup:
         previous = self.front.peek(domain)
         if previous is None:
             previous = stored if store_read else await self._store_get(domain)
+        try:
+            return await self._resolve_and_store(domain, previous, force_fetch)
+        finally:
+            # Released only once the result is in the store: a fleet member
+            # that takes the lease next finds it there and does not fetch again.
+            if domain in self._leases_held:
+                await self._release_lease(domain)
+
+    async def _resolve_and_store(
+        self, domain: str, previous: CacheEntry | None, force_fetch: bool
+    ) -> Resolution:
         resolution = await self._resolve(domain, previous, force_fetch)
         entry = resolution.entry
         if domain in self._flushed_in_flight:
@@ -496,99 +517,32 @@ class PolicyLookup:
         return resolution
 
     async def _resolve(self, domain: str, previous: CacheEntry | None, force_fetch: bool) -> Resolution:
+        """Ask DNS, the fleet and HTTPS what policy.freshness needs, in that order."""
         settings = self.settings
-        now = self.reactor.seconds()
-        cached = previous if (
-            previous is not None and previous.source is Source.FETCHED and previous.in_force(now)
-        ) else None
+        rules = FreshnessRules(settings.policy.negative_ttl_min, settings.policy.negative_ttl_max,
+                               settings.policy.fetch_retry_backoff)
         trace: list[str] = []
         txt = await self.txt_resolver.lookup_sts(domain)
         now = self.reactor.seconds()
         self.stats.dns_queries += 1
         if isinstance(txt, TxtFound):
             trace.append(f"TXT _mta-sts.{domain}: {txt.record!r} (id {txt.policy_id}, ttl {txt.ttl})")
-            policy_id = txt.policy_id
         else:
             trace.append(f"TXT _mta-sts.{domain}: {txt.reason}")
-            if cached is not None and not force_fetch:
-                kept = replace(cached, checked_at=now)
-                why = ("TXT record gone" if isinstance(txt, TxtAbsent) else f"DNS failed: {txt.reason}")
-                return Resolution(kept, f"{why}; cached policy {cached.policy_id} stays in force "
-                                        f"until {_stamp(cached.expires_at)}", tuple(trace))
-            if cached is None:
-                if isinstance(txt, TxtAbsent):
-                    ttl = txt.negative_ttl if txt.negative_ttl is not None else settings.negative_ttl_min
-                    ttl = min(max(float(ttl), settings.negative_ttl_min), settings.negative_ttl_max)
-                    entry = CacheEntry(domain, Source.NEGATIVE, expires_at=now + ttl, checked_at=now,
-                                       failure=txt.reason, last_used=now)
-                    return Resolution(entry, f"no MTA-STS record ({txt.reason}); "
-                                             f"remembered for {ttl:g}s", tuple(trace))
-                entry = CacheEntry(domain, Source.FAILED, expires_at=now + DNS_FAILURE_RETRY,
-                                   checked_at=now, failure=f"DNS failed: {txt.reason}", last_used=now)
-                return Resolution(entry, f"DNS failed: {txt.reason}", tuple(trace))
-            # A forced refresh of a cached policy fetches it even without the
-            # TXT record: DNS can be blocked by the very attacker the policy
-            # is there to stop (RFC 8461 §10.2).
-            policy_id = cached.policy_id
-
-        if cached is not None and cached.policy_id == policy_id and not force_fetch:
-            kept = replace(cached, checked_at=now)
-            return Resolution(kept, f"policy id {policy_id} unchanged", tuple(trace))
-        if (previous is not None and previous.failed_id == policy_id and now < previous.retry_at
-                and not force_fetch):
-            if cached is not None:
-                kept = replace(cached, checked_at=now)
-            else:
-                # The policy that outlived the failure has expired meanwhile:
-                # it must not answer again; "no usable policy" until the retry.
-                kept = CacheEntry(domain, Source.FAILED, expires_at=previous.retry_at, checked_at=now,
-                                  failed_id=policy_id, retry_at=previous.retry_at,
-                                  failure=previous.failure, last_used=previous.last_used,
-                                  failure_category=previous.failure_category)
-            return Resolution(kept, f"fetch of policy id {policy_id} failed ({previous.failure}); "
-                                    f"no retry before {_stamp(previous.retry_at)}", tuple(trace))
-
-        adopted = await self._await_fleet(domain, previous, now, policy_id)
+        step = after_txt(domain, previous, txt, now, rules, force_fetch=force_fetch)
+        if isinstance(step, Keep):
+            return Resolution(step.entry, step.why, tuple(trace))
+        adopted = await self._await_fleet(domain, previous, now, step.policy_id)
         if adopted is not None:
-            if cached is not None and (adopted.source is not Source.FETCHED or not adopted.in_force(now)):
-                # Another daemon's failure is no reason to drop a policy still in force.
-                kept = replace(cached, checked_at=now)
-                return Resolution(kept, f"another daemon of the fleet found no usable policy "
-                                        f"({adopted.failure or adopted.source.value}); cached policy "
-                                        f"{cached.policy_id} stays in force until "
-                                        f"{_stamp(cached.expires_at)}", tuple(trace))
-            return Resolution(adopted, "resolved by another daemon of the fleet", tuple(trace))
-        try:
-            self.stats.fetches += 1
-            result = await self.fetcher.fetch(domain)
-        finally:
-            await self._release_lease(domain)
-        now = self.reactor.seconds()
+            kept = after_fleet(step, adopted, now)
+            return Resolution(kept.entry, kept.why, tuple(trace))
+        self.stats.fetches += 1
+        result = await self.fetcher.fetch(domain)
         trace.extend(result.trace)
-        if isinstance(result, FetchOK):
-            policy = result.policy
-            entry = CacheEntry(
-                domain, Source.FETCHED, expires_at=now + policy.max_age, checked_at=now,
-                policy_id=policy_id, policy=policy, policy_text=result.text,
-                fetched_at=now, last_used=previous.last_used if previous else now,
-            )
-            what = "refreshed" if cached is not None and cached.policy_id == policy_id else "fetched"
-            return Resolution(entry, f"policy {policy_id} {what}: mode {policy.mode.value}, "
-                                     f"max_age {policy.max_age}", tuple(trace))
-        self.stats.count_failure(result.category)
-        retry_at = now + settings.fetch_retry_backoff
-        if cached is not None:
-            kept = replace(cached, checked_at=now, failed_id=policy_id, retry_at=retry_at,
-                           failure=result.reason, failure_category=result.category)
-            warn = "" if cached.policy and cached.policy.mode is Mode.NONE else " (refresh failing)"
-            return Resolution(kept, f"fetch of policy {policy_id} failed: {result.reason}; cached policy "
-                                    f"{cached.policy_id} stays in force until "
-                                    f"{_stamp(cached.expires_at)}{warn}", tuple(trace))
-        entry = CacheEntry(domain, Source.FAILED, expires_at=retry_at, checked_at=now,
-                           failed_id=policy_id, retry_at=retry_at, failure=result.reason,
-                           failure_category=result.category,
-                           last_used=now)
-        return Resolution(entry, f"fetch failed: {result.reason}", tuple(trace))
+        if not isinstance(result, FetchOK):
+            self.stats.count_failure(result.category)
+        kept = after_fetch(domain, previous, step, result, self.reactor.seconds(), rules)
+        return Resolution(kept.entry, kept.why, tuple(trace))
 
     async def _await_fleet(
         self, domain: str, previous: CacheEntry | None, since: float, policy_id: str
@@ -602,6 +556,7 @@ class PolicyLookup:
             return None
         try:
             if await self.store.acquire_lease(domain, self.holder, self.settings.lease_ttl):
+                self._leases_held.add(domain)
                 # Another daemon may have fetched, stored and released since
                 # ``previous`` was read: take its result rather than fetch again.
                 fetched = await self._store_get(domain)
@@ -625,6 +580,7 @@ class PolicyLookup:
         return None
 
     async def _release_lease(self, domain: str) -> None:
+        self._leases_held.discard(domain)
         if not self.store.shared:
             return
         try:
@@ -653,8 +609,8 @@ class PolicyLookup:
 
     def _refresh_due_at(self, entry: CacheEntry) -> float:
         assert entry.policy is not None
-        age_limit = min(self.settings.refresh_after, entry.policy.max_age / 2)
-        jitter = self._rng.uniform(0, min(self.settings.refresh_jitter, age_limit / 4))
+        age_limit = min(self.settings.policy.refresh_after, entry.policy.max_age / 2)
+        jitter = self._rng.uniform(0, min(self.settings.policy.refresh_jitter, age_limit / 4))
         # A refresh that failed is not tried again before its back-off.
         return max(entry.fetched_at + age_limit + jitter, entry.retry_at)
 
@@ -758,7 +714,7 @@ class PolicyLookup:
                 if entry is None or domain in self._refreshing:
                     continue  # already running: it queues the next refresh when done
                 last_used = max(entry.last_used, self._touched.get(domain, 0.0))
-                if now - last_used > self.settings.refresh_idle_limit:
+                if now - last_used > self.settings.policy.refresh_idle_limit:
                     log.info("%s: not refreshed, unused for %.0f days; the policy stays until it expires",
                              domain, (now - last_used) / 86400)
                     continue
@@ -771,7 +727,7 @@ class PolicyLookup:
     def _refresh_slots(self) -> DeferredSemaphore:
         """The semaphore bounding refreshes, renewed when a reload changed
         ``refresh_concurrency`` (refreshes holding the old one finish on it)."""
-        wanted = max(1, self.settings.refresh_concurrency)
+        wanted = max(1, self.settings.policy.refresh_concurrency)
         if self._refresh_limit.limit != wanted:
             self._refresh_limit = DeferredSemaphore(wanted)
         return self._refresh_limit
@@ -830,12 +786,6 @@ def _durable_fields(entry: CacheEntry) -> tuple[Any, ...]:
     """What must reach the store; checked_at and last_used alone may lag."""
     return (entry.source, entry.policy_id, entry.policy, entry.fetched_at, entry.expires_at,
             entry.failed_id, entry.retry_at)
-
-
-def _stamp(when: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 async def _quiet(d: Deferred[Any]) -> None:

@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from postfix_mtasts import __version__, limits
+from postfix_mtasts.limits import FETCH_BUCKETS
 from postfix_mtasts.lookup import PolicyLookup
 from postfix_mtasts.reportwatch import ReportWatch
 from postfix_mtasts.stats import LATENCY_BUCKETS
@@ -108,8 +109,6 @@ class DaemonCollector:
                                   value=float(stats.dns_queries))
         yield CounterMetricFamily(f"{name}_fetches", "HTTPS policy fetches started.",
                                   value=float(stats.fetches))
-
-        from postfix_mtasts.service import FETCH_BUCKETS
 
         fetch = HistogramMetricFamily(f"{name}_fetch_duration_seconds", "Time one HTTPS policy fetch took.")
         fetch.add_metric([], histogram_buckets(FETCH_BUCKETS, counters.fetch_counts), counters.fetch_seconds)

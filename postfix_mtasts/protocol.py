@@ -73,13 +73,9 @@ class _LookupProtocol(Protocol):
         super().__init_subclass__(**kwargs)
         cls._replies = {}
 
-    def __init__(self, responder: Responder, idle_timeout: float, clock: IReactorTime | None = None) -> None:
+    def __init__(self, responder: Responder, idle_timeout: float, clock: IReactorTime) -> None:
         self.responder = responder
         self.idle_timeout = idle_timeout
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = cast(IReactorTime, reactor)
         self._clock: IReactorTime = clock
         self._idle_call: IDelayedCall | None = None
         self._active_at = 0.0
@@ -271,7 +267,8 @@ class SocketmapProtocol(_LookupProtocol):
         self,
         responder: Responder,
         idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT,
-        clock: IReactorTime | None = None,
+        *,
+        clock: IReactorTime,
     ) -> None:
         super().__init__(responder, idle_timeout, clock)
         self._decoder = socketmap.SocketmapDecoder()
@@ -318,7 +315,8 @@ class TcpTableProtocol(_LookupProtocol):
         responder: Responder,
         idle_timeout: float = limits.TCP_TABLE_IDLE_TIMEOUT,
         profile: str = DEFAULT_PROFILE,
-        clock: IReactorTime | None = None,
+        *,
+        clock: IReactorTime,
     ) -> None:
         super().__init__(responder, idle_timeout, clock)
         self.profile = profile
@@ -343,14 +341,15 @@ class SocketmapFactory(Factory):
         self,
         responder: Responder,
         idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT,
-        clock: IReactorTime | None = None,
+        *,
+        clock: IReactorTime,
     ) -> None:
         self.responder = responder
         self.idle_timeout = idle_timeout
         self.clock = clock
 
     def buildProtocol(self, addr: IAddress | None) -> SocketmapProtocol:
-        protocol = SocketmapProtocol(self.responder, self.idle_timeout, self.clock)
+        protocol = SocketmapProtocol(self.responder, self.idle_timeout, clock=self.clock)
         protocol.factory = self
         return protocol
 
@@ -363,7 +362,8 @@ class TcpTableFactory(Factory):
         responder: Responder,
         idle_timeout: float = limits.TCP_TABLE_IDLE_TIMEOUT,
         profile: str = DEFAULT_PROFILE,
-        clock: IReactorTime | None = None,
+        *,
+        clock: IReactorTime,
     ) -> None:
         self.responder = responder
         self.idle_timeout = idle_timeout
@@ -371,6 +371,6 @@ class TcpTableFactory(Factory):
         self.clock = clock
 
     def buildProtocol(self, addr: IAddress | None) -> TcpTableProtocol:
-        protocol = TcpTableProtocol(self.responder, self.idle_timeout, self.profile, self.clock)
+        protocol = TcpTableProtocol(self.responder, self.idle_timeout, self.profile, clock=self.clock)
         protocol.factory = self
         return protocol

@@ -30,8 +30,9 @@ from twisted.python.failure import Failure
 
 from postfix_mtasts import __version__
 from postfix_mtasts.cache import IPolicyStore, Source
-from postfix_mtasts.config import Config, ConfigError, ListenAddress, Nameserver, load_config
-from postfix_mtasts.errors import one_line
+from postfix_mtasts.config import Config, ConfigError, ListenAddress, load_config
+from postfix_mtasts.errors import ReloadRefused, StartupError, one_line
+from postfix_mtasts.limits import FETCH_BUCKETS
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop
@@ -55,47 +56,16 @@ CLOSE_GRACE = 5.0
 DRAIN_POLL = 0.05
 #: How often the status line shown by ``systemctl status`` is refreshed.
 STATUS_INTERVAL = 30.0
-#: Upper bounds (seconds) of the policy fetch duration buckets.
-FETCH_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Name of the runtime and state directories a daemon may hand to its user.
 OWN_DIRECTORY_NAME = "postfix-mtasts"
-#: Side files of an SQLite database in WAL mode, handed over with it.
-SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
-
-
-class StartupError(Exception):
-    """The daemon cannot start; ``str(e)`` is one line for the admin."""
-
-
-class ReloadRefused(Exception):
-    """A new configuration was not applied; ``str(e)`` is one line for the admin."""
-
-
-def nameserver_strings(nameservers: tuple[Nameserver, ...]) -> list[str]:
-    return [str(ns) for ns in nameservers]
-
-
-def lookup_settings(config: Config) -> LookupSettings:
-    policy = config.policy
-    return LookupSettings(
-        recheck_interval=policy.recheck_interval,
-        recheck_deadline=policy.recheck_deadline,
-        first_lookup_deadline=policy.first_lookup_deadline,
-        temp_on_first_lookup_timeout=policy.on_first_lookup_timeout == "temp",
-        fetch_retry_backoff=policy.fetch_retry_backoff,
-        negative_ttl_min=policy.negative_ttl_min,
-        negative_ttl_max=policy.negative_ttl_max,
-        refresh_after=policy.refresh_after,
-        refresh_concurrency=policy.refresh_concurrency,
-        refresh_jitter=policy.refresh_jitter,
-        refresh_idle_limit=policy.refresh_idle_limit,
-        memory_entries=config.cache.memory_entries,
-        lease_ttl=config.resolver.fetch_timeout + 5.0,
-    )
+#: Side files of an SQLite database in WAL mode, and its lock file
+#: (cache/sqlite_file.py), handed over with it.
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
 
 
 def build_store(reactor: Any, config: Config) -> IPolicyStore:
-    """The configured backend; shared backends are wrapped to survive outages."""
+    """The configured backend; a shared backend is wrapped to survive outages
+    and, unless ``cache.local_copy`` is off, layered over a local SQLite copy."""
     cache = config.cache
     if cache.backend == "memory":
         from postfix_mtasts.cache.memory import MemoryStore
@@ -136,7 +106,19 @@ def build_store(reactor: Any, config: Config) -> IPolicyStore:
         )
     else:  # config validation makes this unreachable
         raise StartupError(f"cache.backend: unknown backend {cache.backend!r}")
-    return ResilientStore(reactor, inner, op_timeout=SHARED_STORE_OP_TIMEOUT)
+    shared = ResilientStore(
+        reactor,
+        inner,
+        op_timeout=SHARED_STORE_OP_TIMEOUT,
+        open_timeout=cache.open_deadline,
+        backed_up_locally=cache.local_copy,
+    )
+    if not cache.local_copy:
+        return shared
+    from postfix_mtasts.cache.layered import LayeredStore
+    from postfix_mtasts.cache.sqlite import SqliteStore, default_path
+
+    return LayeredStore(reactor, SqliteStore(reactor, cache.path or default_path()), shared)
 
 
 def build_resolvers(
@@ -149,7 +131,9 @@ def build_resolvers(
     which follows the same configuration and costs far less CPU; with them,
     from dnspython asking those servers.
     """
-    dns = DnsResolver(nameserver_strings(config.resolver.nameservers), timeout=config.resolver.dns_timeout)
+    dns = DnsResolver(
+        config.resolver.nameservers, timeout=config.resolver.dns_timeout, reactor=reactor
+    )
     addresses: AddressResolver = dns
     if not config.resolver.nameservers:
         addresses = system_addresses or SystemAddressResolver(reactor)
@@ -168,7 +152,9 @@ def build_dane(reactor: Any, config: Config) -> DaneCache | None:
     resolver is named (the config requires one for any profile with dane)."""
     if not config.dane.nameservers:
         return None
-    resolver = DaneResolver(nameserver_strings(config.dane.nameservers), timeout=config.dane.timeout)
+    resolver = DaneResolver(
+        config.dane.nameservers, timeout=config.dane.timeout, reactor=reactor
+    )
     return DaneCache(reactor, resolver.check, config.cache.memory_entries)
 
 
@@ -183,7 +169,8 @@ def build_lookup(
     dns, fetcher = build_resolvers(reactor, config, system_addresses)
     dane = build_dane(reactor, config)
     return PolicyLookup(
-        reactor, dns, fetcher, store, lookup_settings(config), dane=dane, freeze_loaded=freeze_loaded
+        reactor, dns, fetcher, store, LookupSettings.from_config(config), dane=dane,
+        freeze_loaded=freeze_loaded,
     )
 
 
@@ -290,7 +277,7 @@ class TrackingSocketmapFactory(SocketmapFactory):
         self.connections = connections
 
     def buildProtocol(self, addr: Any) -> SocketmapProtocol:
-        protocol = _TrackedSocketmapProtocol(self.responder, self.idle_timeout, self.clock)
+        protocol = _TrackedSocketmapProtocol(self.responder, self.idle_timeout, clock=self.clock)
         protocol.factory = self
         return protocol
 
@@ -301,7 +288,9 @@ class TrackingTcpTableFactory(TcpTableFactory):
         self.connections = connections
 
     def buildProtocol(self, addr: Any) -> TcpTableProtocol:
-        protocol = _TrackedTcpTableProtocol(self.responder, self.idle_timeout, self.profile, self.clock)
+        protocol = _TrackedTcpTableProtocol(
+            self.responder, self.idle_timeout, self.profile, clock=self.clock
+        )
         protocol.factory = self
         return protocol
 
@@ -353,17 +342,24 @@ class Daemon:
         self.system_addresses = SystemAddressResolver(self.reactor)
 
     async def start(self) -> None:
+        """Open the store, listen, then warm the memory front.
+
+        Nothing is logged as done until everything is: a start-up failure
+        (a store that cannot be opened, a port in use) is one line, raised as
+        :class:`StartupError` with whatever was opened closed again.
+        """
         config = self.config
         self.store = build_store(self.reactor, config)
         try:
             await self.store.open()
+        except StartupError:
+            raise
         except Exception as e:
-            raise StartupError(f"cache ({config.cache.backend}): {e}") from e
+            raise StartupError(f"cache ({config.cache.backend}): {one_line(e)}") from e
         self.lookup = build_lookup(
             self.reactor, config, self.store, self.system_addresses, freeze_loaded=True
         )
         self.lookup.fetcher = TimedFetcher(self.lookup.fetcher, self.reactor, self.counters)
-        await self.lookup.start(warm_in_background=True)
         self.responder = Responder(
             self.lookup,
             config.profiles,
@@ -381,15 +377,33 @@ class Daemon:
         for factory in (socketmap_factory, tcp_table_factory):
             factory.noisy = False
         self._factories = {"socketmap": socketmap_factory, "tcp_table": tcp_table_factory}
-        for key in _listener_keys(config):
+        keys = _listener_keys(config)
+        for key in keys:
             try:
-                await self._listen(key)
+                await self._listen(key, quiet=True)
             except StartupError:
-                await self.stop()
+                await self._abandon_start()
                 raise
         self._order_ports(config)
+        for kind, address in keys:
+            log.info("listening for %s on %s", kind, address)
+        # Lookups are answered from here on (a miss in the front reads the
+        # store); the front warms meanwhile, and start() returns once it is warm.
+        await self.lookup.start(warm_in_background=True)
+        await self.lookup.warmed()
 
-    async def _listen(self, key: ListenerKey) -> None:
+    async def _abandon_start(self) -> None:
+        """Close what a failed start opened, without logging a shutdown."""
+        for port in list(self._listeners.values()):
+            await _stop_listening(port)
+        self._listeners.clear()
+        if self.store is not None:
+            try:
+                await self.store.close()
+            except Exception as e:
+                log.debug("closing the cache after a failed start: %s", one_line(e))
+
+    async def _listen(self, key: ListenerKey, *, quiet: bool = False) -> None:
         kind, address = key
         try:
             endpoint = server_endpoint(self.reactor, address, self.listen_environment)
@@ -399,14 +413,19 @@ class Daemon:
         except Exception as e:
             raise StartupError(f"cannot listen on {address} ({kind}): {one_line(e)}") from e
         self._listeners[key] = port
-        log.info("listening for %s on %s", kind, address)
+        if not quiet:
+            log.info("listening for %s on %s", kind, address)
 
     def _order_ports(self, config: Config) -> None:
         listeners = self._listeners
         self.ports[:] = [(key[1], listeners[key]) for key in _listener_keys(config) if key in listeners]
 
-    async def stop(self) -> None:
-        """Stop accepting, let lookups in flight finish and answer, write the cache back."""
+    async def stop(self, *, quiet: bool = False) -> None:
+        """Stop accepting, let lookups in flight finish and answer, write the cache back.
+
+        ``quiet``: a start that failed after the daemon was up; the error
+        line says it all, so "stopped" is not logged.
+        """
         for port in list(self._listeners.values()):
             await _stop_listening(port)
         self._listeners.clear()
@@ -417,7 +436,8 @@ class Daemon:
         await self._close_connections()
         if self.store is not None:
             await self.store.close()
-        log.info("stopped")
+        if not quiet:
+            log.info("stopped")
 
     async def _drain_connections(self) -> None:
         """No new requests; wait (bounded) until every request received has its answer."""
@@ -489,8 +509,9 @@ class Daemon:
         self.responder.bracketed = BracketedNextHop(new.policy.bracketed_next_hop)
         if new.policy != old.policy:
             notes.append("policy settings")
+        # The front's size is fixed at start ([cache] changes need a restart).
         self.lookup.settings = replace(
-            lookup_settings(new), memory_entries=self.lookup.settings.memory_entries
+            LookupSettings.from_config(new), memory_entries=self.lookup.settings.memory_entries
         )
         if new.resolver != old.resolver:
             dns, fetcher = build_resolvers(self.reactor, new, self.system_addresses)
@@ -599,7 +620,7 @@ class Service:
             self._start_report_intake(config)  # as the service user, who reads and moves the mail
         except StartupError:
             await self._stop_extras()
-            await self.daemon.stop()
+            await self.daemon.stop(quiet=True)
             raise
         self.started = True
         self._start_heartbeat()
@@ -737,8 +758,9 @@ class Service:
         """What the service user must own to keep working: the SQLite files and the control socket."""
         paths: list[str] = []
         store = self.daemon.store
-        database = getattr(store, "path", None)
-        if self.config.cache.backend == "sqlite" and isinstance(database, str):
+        # The sqlite backend's file, or a shared backend's local copy.
+        database = getattr(getattr(store, "local", store), "path", None)
+        if isinstance(database, str):
             directory = os.path.dirname(os.path.abspath(database))
             # A directory of our own is handed over (SQLite creates its -wal
             # file there); a shared one like /tmp is never touched.

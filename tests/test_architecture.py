@@ -83,3 +83,82 @@ def test_the_report_figures_pages_and_alert_decisions_are_pure() -> None:
     )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"pure modules pulled in: {result.stdout.strip()}"
+
+
+def _sources() -> dict[str, str]:
+    """Every module of the package: dotted name → source text."""
+    import pathlib
+
+    root = pathlib.Path(postfix_mtasts.codec.__path__[0]).parent
+    sources = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        sources[".".join(parts)] = path.read_text(encoding="utf-8")
+    return sources
+
+
+def test_only_the_command_line_touches_the_global_reactor() -> None:
+    """Every other module takes the reactor (or a clock) it is given, so tests
+    can pass a Clock or a fake; only cli.py picks and installs the real one."""
+    import ast
+
+    users = []
+    for name, text in _sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.module == "twisted.internet" and any(
+                alias.name == "reactor" for alias in node.names
+            ):
+                users.append(name)
+            elif isinstance(node, ast.Import) and any(
+                alias.name == "twisted.internet.reactor" for alias in node.names
+            ):
+                users.append(name)
+    assert sorted(set(users)) == ["postfix_mtasts.cli"]
+
+
+def _imports(name: str, text: str, modules: set[str]) -> set[str]:
+    """The package's modules that ``name`` imports, at any depth in the file."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for target in targets:
+            if target in modules and target != name:
+                found.add(target)
+    return found
+
+
+def test_the_package_has_no_import_cycles() -> None:
+    """Data flows one way (DESIGN.md): control and metrics read the service
+    through small interfaces, so nothing below the service imports it back."""
+    sources = _sources()
+    modules = set(sources)
+    graph = {name: _imports(name, text, modules) for name, text in sources.items()}
+    # A package's __init__ importing its own submodule, and the submodule
+    # importing the package for a re-export, is not a cycle of design.
+    for name, targets in graph.items():
+        graph[name] = {t for t in targets if not (t.startswith(name + ".") or name.startswith(t + "."))}
+
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append([*path[path.index(target):], target] if target in path else [node, target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []

@@ -1,11 +1,19 @@
-"""SqliteStore: the store contract, plus what only a file on disk can get wrong."""
+"""SqliteStore: the store contract, plus what only a file on disk can get wrong:
+modes and pragmas, schema versions, a file that is not ours (refused and left
+byte for byte as it was), an old database of ours (adopted), a damaged one of
+ours (moved aside), a second store on the same file (refused), run-time faults."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +24,7 @@ from twisted.internet import reactor as global_reactor
 
 from postfix_mtasts.cache import CacheEntry, StoreUnavailable
 from postfix_mtasts.cache.sqlite import (
+    APPLICATION_ID,
     MIGRATIONS,
     SqliteStore,
     StoreError,
@@ -79,8 +88,12 @@ def _error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-def _make_real_database(path: Path, entries: int) -> None:
+def _make_real_database(path: Path, entries: int, *, stamped: bool = True, wal: bool = False) -> None:
+    """A database as the daemon makes it; ``stamped=False``: as versions from
+    before the application_id made it."""
     conn = _db(path)
+    if stamped:
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     conn.execute("PRAGMA user_version = 1")
     for migration in MIGRATIONS:
         migration(conn)
@@ -91,7 +104,24 @@ def _make_real_database(path: Path, entries: int) -> None:
             for e in (fetched(f"d{i}.example") for i in range(entries))
         ],
     )
+    if wal:
+        conn.execute("PRAGMA journal_mode = WAL")
     conn.close()
+
+
+def _header_application_id(path: Path) -> int:
+    """The application_id in the file's own header (bytes 68-71), as SQLite
+    would read it with no -wal file beside."""
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(100)[68:72], "big")
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[bytes | None, int, int]]:
+    """Every name in ``directory`` with its bytes (regular files), mtime and mode."""
+    return {
+        p.name: (p.read_bytes() if p.is_file() else None, p.lstat().st_mtime_ns, p.lstat().st_mode)
+        for p in sorted(directory.iterdir())
+    }
 
 
 # --- files, modes, pragmas ---------------------------------------------------
@@ -134,22 +164,6 @@ async def test_put_is_committed_before_it_returns(store_factory: SqliteFactory) 
 
 
 # --- schema versions ------------------------------------------------------------
-
-
-@ensure_deferred
-async def test_migrates_a_version_0_database(store_factory: SqliteFactory) -> None:
-    store_factory.path.parent.mkdir()
-    conn = _db(store_factory.path)
-    conn.execute("CREATE TABLE unrelated (x)")
-    conn.execute("INSERT INTO unrelated VALUES (7)")
-    conn.close()
-    store = await store_factory.open_store()
-    await store.put(negative("example.com"))
-    assert await store.get("example.com") == negative("example.com")
-    conn = _db(store_factory.path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert conn.execute("SELECT x FROM unrelated").fetchall() == [(7,)]
-    conn.close()
 
 
 _migration_threads: list[threading.Thread] = []
@@ -221,7 +235,172 @@ async def test_a_newer_schema_is_refused(store_factory: SqliteFactory) -> None:
     conn.close()
 
 
-# --- damaged files ---------------------------------------------------------------
+# --- files that are not ours -------------------------------------------------------
+
+
+async def _assert_refused_untouched(factory: SqliteFactory, what: str) -> str:
+    """Opening fails with one line naming the path, ``what`` and cache.path;
+    the directory holds the same names, bytes, mtimes and modes as before."""
+    directory = factory.path.parent
+    before = _snapshot(directory)
+    store = factory.adopt(SqliteStore(reactor, str(factory.path)))
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(factory.path) in message and what in message, message
+    assert "left untouched" in message and "cache.path" in message, message
+    assert _snapshot(directory) == before
+    with pytest.raises(StoreUnavailable):
+        await store.get("example.com")
+    return message
+
+
+def _aged(path: Path) -> None:
+    """Set a file's times in the past, so that any write would show."""
+    os.utime(path, (1_500_000_000, 1_500_000_000))
+
+
+@ensure_deferred
+async def test_a_copy_of_etc_passwd_is_refused_untouched(store_factory: SqliteFactory) -> None:
+    store_factory.path.parent.mkdir()
+    shutil.copy2("/etc/passwd", store_factory.path)
+    _aged(store_factory.path)
+    await _assert_refused_untouched(store_factory, "is not an SQLite database")
+    assert store_factory.path.read_bytes() == Path("/etc/passwd").read_bytes()
+
+
+@ensure_deferred
+async def test_random_bytes_are_refused_untouched_with_what_lies_beside(store_factory: SqliteFactory) -> None:
+    store_factory.path.parent.mkdir()
+    # A zero byte first: never the SQLite magic, whatever urandom gives.
+    store_factory.path.write_bytes(b"\0" + os.urandom(64 * 1024))
+    Path(f"{store_factory.path}-wal").write_bytes(os.urandom(4096))
+    _aged(store_factory.path)
+    await _assert_refused_untouched(store_factory, "is not an SQLite database")
+
+
+def _foreign_tables(path: Path) -> None:
+    conn = _db(path)
+    conn.execute("CREATE TABLE accounts (name TEXT PRIMARY KEY, balance INTEGER)")
+    conn.executemany("INSERT INTO accounts VALUES (?, ?)", [(f"user{i}", i) for i in range(100)])
+    conn.close()
+
+
+def _foreign_tables_in_wal_mode(path: Path) -> None:
+    _foreign_tables(path)
+    conn = _db(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("INSERT INTO accounts VALUES ('late', 1)")
+    conn.close()
+
+
+def _our_tables_beside_another(path: Path) -> None:
+    _make_real_database(path, 2, stamped=False)
+    conn = _db(path)
+    conn.execute("CREATE TABLE extra (x)")
+    conn.close()
+
+
+def _our_tables_under_another_application_id(path: Path) -> None:
+    _make_real_database(path, 2, stamped=False)
+    conn = _db(path)
+    conn.execute("PRAGMA application_id = 305419896")  # 0x12345678
+    conn.close()
+
+
+def _no_tables_at_all(path: Path) -> None:
+    conn = _db(path)
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+
+
+def _empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _old_database_with_its_schema_page_scribbled(path: Path) -> None:
+    _make_real_database(path, 50, stamped=False)
+    data = bytearray(path.read_bytes())
+    data[100:400] = b"\xa5" * 300
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (_foreign_tables, "another program's SQLite database (tables: accounts)"),
+        (_foreign_tables_in_wal_mode, "another program's SQLite database (tables: accounts)"),
+        (_our_tables_beside_another, "another program's SQLite database (tables: entries, extra)"),
+        (_our_tables_under_another_application_id, "(application_id 0x12345678)"),
+        (_no_tables_at_all, "an SQLite database without postfix-mtasts's tables"),
+        (_empty_file, "is an empty file that postfix-mtasts did not create"),
+        (_old_database_with_its_schema_page_scribbled, "cannot be read as an SQLite database"),
+    ],
+)
+@ensure_deferred
+async def test_another_programs_database_is_refused_untouched(
+    store_factory: SqliteFactory, make: Any, what: str
+) -> None:
+    store_factory.path.parent.mkdir()
+    make(store_factory.path)
+    _aged(store_factory.path)
+    await _assert_refused_untouched(store_factory, what)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+@ensure_deferred
+async def test_a_path_that_is_not_a_regular_file_is_refused(store_factory: SqliteFactory, kind: str) -> None:
+    store_factory.path.parent.mkdir()
+    if kind == "directory":
+        store_factory.path.mkdir()
+    else:
+        os.mkfifo(store_factory.path)
+    await _assert_refused_untouched(store_factory, "is not a regular file")
+
+
+# --- new and older databases of ours ---------------------------------------------------
+
+
+@ensure_deferred
+async def test_a_new_database_is_marked_as_ours_and_nothing_else_is_left_beside(
+    store_factory: SqliteFactory,
+) -> None:
+    store = await store_factory.open_store()
+    await store.put(negative("example.com"))
+    assert _header_application_id(store_factory.path) == APPLICATION_ID == 0x4D545343
+    names = {p.name for p in store_factory.path.parent.iterdir()}
+    assert names <= {"cache.sqlite3", "cache.sqlite3-wal", "cache.sqlite3-shm", "cache.sqlite3.lock"}, names
+    await store_factory.close_all()
+    names = {p.name for p in store_factory.path.parent.iterdir()}
+    assert names == {"cache.sqlite3", "cache.sqlite3.lock"}, names
+
+
+@ensure_deferred
+async def test_a_database_made_before_the_mark_is_adopted_and_marked(
+    store_factory: SqliteFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    store_factory.path.parent.mkdir()
+    _make_real_database(store_factory.path, 3, stamped=False, wal=True)
+    assert _header_application_id(store_factory.path) == 0
+    with caplog.at_level(logging.INFO, logger="postfix_mtasts.cache"):
+        store = await store_factory.open_store()
+    assert await store.count() == 3
+    assert await store.get("d1.example") == fetched("d1.example")
+    assert _header_application_id(store_factory.path) == APPLICATION_ID
+    adopted = [r.getMessage() for r in caplog.records if "marked as its own" in r.getMessage()]
+    assert adopted == [
+        f"cache database {store_factory.path} was made by an older postfix-mtasts: marked as its own"
+    ]
+    await store_factory.close_all()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="postfix_mtasts.cache"):
+        store = await store_factory.open_store()
+    assert await store.count() == 3
+    assert not [r for r in caplog.records if "marked as its own" in r.getMessage()]
+
+
+# --- damaged files of ours ---------------------------------------------------------
 
 
 async def _assert_moved_aside_and_empty(
@@ -248,19 +427,6 @@ async def _assert_moved_aside_and_empty(
 
 
 @ensure_deferred
-async def test_garbage_file_is_moved_aside(
-    store_factory: SqliteFactory, caplog: pytest.LogCaptureFixture
-) -> None:
-    store_factory.path.parent.mkdir()
-    garbage = bytes(range(256)) * 32
-    store_factory.path.write_bytes(garbage)
-    wal = Path(str(store_factory.path) + "-wal")
-    wal.write_bytes(b"also garbage")
-    moved = await _assert_moved_aside_and_empty(store_factory, caplog, garbage)
-    assert [p.read_bytes() for p in moved if p.name.endswith("-wal")] == [b"also garbage"]
-
-
-@ensure_deferred
 async def test_truncated_database_is_moved_aside(
     store_factory: SqliteFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -271,13 +437,15 @@ async def test_truncated_database_is_moved_aside(
     await _assert_moved_aside_and_empty(store_factory, caplog, whole[: len(whole) // 2])
 
 
+@pytest.mark.parametrize("stamped", [True, False], ids=["marked", "made-before-the-mark"])
 @ensure_deferred
 async def test_damaged_page_is_moved_aside(
-    store_factory: SqliteFactory, caplog: pytest.LogCaptureFixture
+    store_factory: SqliteFactory, caplog: pytest.LogCaptureFixture, stamped: bool
 ) -> None:
-    """A file that opens but whose btree pages are scribbled over."""
+    """A file that opens but whose btree pages are scribbled over; one made
+    before the application_id is known as ours by its intact schema."""
     store_factory.path.parent.mkdir()
-    _make_real_database(store_factory.path, 500)
+    _make_real_database(store_factory.path, 500, stamped=stamped)
     data = bytearray(store_factory.path.read_bytes())
     page = 4096
     for offset in range(3 * page, 6 * page, 7):
@@ -316,6 +484,88 @@ async def test_malformed_rows_are_skipped_with_one_line(
     # Replacing a malformed row heals it.
     await store.put(negative("notjson.example"))
     assert await store.get("notjson.example") == negative("notjson.example")
+
+
+# --- one daemon per file -----------------------------------------------------------
+
+
+@ensure_deferred
+async def test_a_second_store_on_the_file_is_refused_naming_the_first(store_factory: SqliteFactory) -> None:
+    first = await store_factory.open_store()
+    await first.put(negative("kept.example"))
+    second = store_factory.adopt(SqliteStore(reactor, str(store_factory.path)))
+    with pytest.raises(StoreError) as caught:
+        await second.open()
+    assert str(caught.value) == (
+        f"cache file {store_factory.path} is in use by another postfix-mtasts (pid {os.getpid()})"
+    )
+    # The first goes on as if nothing happened.
+    await first.put(negative("later.example"))
+    assert await first.get("kept.example") == negative("kept.example")
+    await first.close()
+    await second.open()
+    assert await second.get("later.example") == negative("later.example")
+
+
+def test_the_lock_dies_with_a_killed_holder(tmp_path: Path) -> None:
+    """A holder killed with SIGKILL closes nothing itself; the kernel frees the lock."""
+    path = tmp_path / "cache.sqlite3"
+    program = textwrap.dedent(
+        f"""
+        import sys
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+        from postfix_mtasts.cache.sqlite import SqliteStore
+
+        async def main():
+            await SqliteStore(reactor, {str(path)!r}).open()
+            print("open", flush=True)
+
+        reactor.callWhenRunning(lambda: Deferred.fromCoroutine(main()))
+        reactor.run()
+        """
+    )
+    holder = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        refused = _open_once(path)
+        assert refused.stdout == f"cache file {path} is in use by another postfix-mtasts (pid {holder.pid})\n"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        opened = _open_once(path)
+        assert opened.stdout == "opened\n", opened.stderr
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+#: A process that opens the store at argv[1] once and says how it went.
+_OPEN_ONCE = textwrap.dedent(
+    """
+    import sys
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from postfix_mtasts.cache.sqlite import SqliteStore
+
+    async def main():
+        store = SqliteStore(reactor, sys.argv[1])
+        try:
+            await store.open()
+            print("opened")
+            await store.close()
+        except Exception as e:
+            print(e)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(main()))
+    reactor.run()
+    """
+)
+
+
+def _open_once(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _OPEN_ONCE, str(path)], capture_output=True, text=True)
 
 
 # --- run-time faults ---------------------------------------------------------------

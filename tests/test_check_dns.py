@@ -30,7 +30,7 @@ async def server() -> AsyncIterator[DnsServer]:
 
 @pytest.fixture
 def resolver(server: DnsServer) -> DnsResolver:
-    return DnsResolver([server.nameserver], timeout=TEST_TIMEOUT)
+    return DnsResolver([server.nameserver], timeout=TEST_TIMEOUT, reactor=reactor)
 
 
 @pytest_twisted.ensureDeferred

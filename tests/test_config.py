@@ -73,6 +73,8 @@ def test_no_file_means_defaults_from_limits() -> None:
     assert config.cache.backend == "sqlite"
     assert config.cache.path == ""
     assert config.cache.memory_entries == limits.MEMORY_ENTRIES
+    assert config.cache.local_copy is True
+    assert config.cache.open_deadline == limits.STORE_OPEN_DEADLINE
     assert config.cache.redis.url == "redis://127.0.0.1:6379/0"
     assert config.cache.redis.key_prefix == "mtasts:"
     assert config.cache.postgresql.schema == "mtasts"
@@ -140,6 +142,8 @@ GOOD: list[tuple[str, Any, Any]] = [
     ("cache.backend", "memory", "memory"),
     ("cache.path", "/var/tmp/c.sqlite3", "/var/tmp/c.sqlite3"),
     ("cache.memory_entries", 10, 10),
+    ("cache.local_copy", False, False),
+    ("cache.open_deadline", 0.5, 0.5),
     ("cache.redis.url", "rediss://cache.example:6380/2", "rediss://cache.example:6380/2"),
     ("cache.redis.key_prefix", "mx1:", "mx1:"),
     ("cache.postgresql.dsn", "host=db dbname=mtasts", "host=db dbname=mtasts"),
@@ -352,6 +356,9 @@ BAD: list[tuple[str, Any]] = [
     ("cache.path", "cache.sqlite3"),
     ("cache.path", 5),
     ("cache.memory_entries", 0),
+    ("cache.local_copy", "yes"),
+    ("cache.open_deadline", 0),
+    ("cache.open_deadline", "5s"),
     ("cache.memory_entries", 1.5),
     ("cache.memory_entries", "1000"),
     ("cache.redis.url", "http://127.0.0.1:6379"),

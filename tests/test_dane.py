@@ -22,7 +22,7 @@ from twisted.internet.testing import StringTransport
 
 from postfix_mtasts.cache.memory import MemoryStore
 from postfix_mtasts.codec import socketmap, tcptable
-from postfix_mtasts.config import Profile
+from postfix_mtasts.config import PolicyConfig, Profile
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.policyfile import parse_policy
@@ -128,7 +128,7 @@ def test_cache_answers_failed_for_an_unexpected_error(caplog: pytest.LogCaptureF
 
 def test_resolver_needs_a_nameserver() -> None:
     with pytest.raises(ValueError, match="DNSSEC-validating resolver"):
-        DaneResolver([])
+        DaneResolver([], reactor=global_reactor)
 
 
 # --- a real validating resolver ----------------------------------------------------
@@ -162,13 +162,14 @@ def validating(tmp_path_factory: pytest.TempPathFactory) -> Iterator[unbound.Val
 async def test_resolver_reads_what_dnssec_proves(
     validating: unbound.ValidatingResolver, name: str, status: DaneStatus, ttl: float
 ) -> None:
-    result = await DaneResolver([validating.nameserver], timeout=5).check(f"{name}.{ZONE}")
+    resolver = DaneResolver([validating.nameserver], timeout=5, reactor=global_reactor)
+    result = await resolver.check(f"{name}.{ZONE}")
     assert (result.status, result.ttl) == (status, ttl), result.reason
 
 
 @ensure_deferred
 async def test_resolver_reasons_name_hosts_and_failures(validating: unbound.ValidatingResolver) -> None:
-    resolver = DaneResolver([validating.nameserver], timeout=5)
+    resolver = DaneResolver([validating.nameserver], timeout=5, reactor=global_reactor)
     some = await resolver.check(f"some.{ZONE}")
     assert some.reason == f"usable TLSA for mx1.some.{ZONE} only"
     bogus = await resolver.check(f"bogus.{ZONE}")
@@ -182,13 +183,15 @@ async def test_no_answer_is_a_failure_not_no_dane(validating: unbound.Validating
     """Nothing answers on this port: no answer at all is a failure, not 'no DANE'."""
     from tests.support.daemon import free_port
 
-    result = await DaneResolver([f"127.0.0.1:{free_port()}"], timeout=0.5).check(f"all.{ZONE}")
+    resolver = DaneResolver([f"127.0.0.1:{free_port()}"], timeout=0.5, reactor=global_reactor)
+    result = await resolver.check(f"all.{ZONE}")
     assert result.status is DaneStatus.FAILED and "timeout" in result.reason
 
 
 @ensure_deferred
 async def test_tlsa_without_dnssec_is_not_dane(validating: unbound.ValidatingResolver) -> None:
-    result = await DaneResolver([validating.nameserver], timeout=5).check("all.plain.test")
+    resolver = DaneResolver([validating.nameserver], timeout=5, reactor=global_reactor)
+    result = await resolver.check("all.plain.test")
     assert (result.status, result.reason) == (DaneStatus.NONE, "MX of all.plain.test not DNSSEC-validated")
 
 
@@ -224,9 +227,10 @@ def rig(validating: unbound.ValidatingResolver) -> Iterator[Rig]:
         body = _policy(domain)
         https.set(domain, FetchOK(policy=parse_policy(body.encode()), text=body))
     dns.set(f"nosts.{ZONE}", TxtAbsent("no record"))
-    counting = CountingResolver(DaneResolver([validating.nameserver], timeout=5))
+    counting = CountingResolver(DaneResolver([validating.nameserver], timeout=5, reactor=global_reactor))
     lookup = PolicyLookup(
-        global_reactor, dns, https, opened(MemoryStore()), LookupSettings(recheck_interval=10.0**9),
+        global_reactor, dns, https, opened(MemoryStore()),
+        LookupSettings(PolicyConfig(recheck_interval=10.0**9)),
         dane=DaneCache(global_reactor, counting.check),
     )
     profiles = {"postfix": Profile(), "dane": Profile(dane=True), "danerpt": Profile(dane=True, tlsrpt=True)}
@@ -234,7 +238,7 @@ def rig(validating: unbound.ValidatingResolver) -> Iterator[Rig]:
 
 
 async def _socketmap(responder: Responder, profile: str, domain: str) -> tuple[str, str]:
-    protocol = SocketmapProtocol(responder)
+    protocol = SocketmapProtocol(responder, clock=global_reactor)
     transport = _transport(protocol)
     protocol.dataReceived(socketmap.encode_request(profile, domain.encode()))
     reply: tuple[str, str] = (await _replies(transport, socketmap.SocketmapReplyDecoder().feed))[0]
@@ -242,7 +246,7 @@ async def _socketmap(responder: Responder, profile: str, domain: str) -> tuple[s
 
 
 async def _tcp_table(responder: Responder, profile: str, domain: str) -> tuple[int, str]:
-    protocol = TcpTableProtocol(responder, profile=profile)
+    protocol = TcpTableProtocol(responder, profile=profile, clock=global_reactor)
     transport = _transport(protocol)
     protocol.dataReceived(tcptable.encode_request(domain.encode()))
     reply: tuple[int, str] = (await _replies(transport, tcptable.TcpTableReplyDecoder().feed))[0]
@@ -305,5 +309,5 @@ def test_service_wires_the_configured_validating_resolver() -> None:
     from postfix_mtasts.service import build_lookup
 
     config = parse_config('[profiles.strict]\ndane = true\n[dane]\nnameservers = ["127.0.0.1:8053"]\n')
-    assert isinstance(build_lookup(Clock(), config, MemoryStore()).dane, DaneCache)
-    assert build_lookup(Clock(), parse_config(""), MemoryStore()).dane is None
+    assert isinstance(build_lookup(global_reactor, config, MemoryStore()).dane, DaneCache)
+    assert build_lookup(global_reactor, parse_config(""), MemoryStore()).dane is None

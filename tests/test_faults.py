@@ -1,4 +1,4 @@
-"""Faults while serving (issue 8): DNS down, a hanging policy host, a full
+"""Faults while serving: DNS down, a hanging policy host, a full
 disk under the SQLite cache, no file descriptors left. The daemon must keep
 answering cached policies, answer new domains "not found" within its
 deadlines, log each fault a bounded number of times (not once per lookup), and

@@ -1,4 +1,4 @@
-"""A fleet of daemons sharing one Redis or PostgreSQL store (issue 4), end to end.
+"""A fleet of daemons sharing one Redis or PostgreSQL store, end to end.
 
 Real in-process daemons on the real reactor, one loopback World (DNS and
 policy host), and a real Redis or PostgreSQL on 127.0.0.1 under a key prefix
@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source
+from postfix_mtasts.cache.layered import LayeredStore
 from postfix_mtasts.cache.resilient import ResilientStore
 from tests.conftest import require
 from tests.support.daemon import async_yield_fixture, ensure_deferred
@@ -225,6 +226,8 @@ def lookup_of(daemon: RunningDaemon) -> Any:
 
 def resilient_store(daemon: RunningDaemon) -> ResilientStore:
     store: Any = daemon.daemon.store
+    assert isinstance(store, LayeredStore), f"a shared backend should keep a local copy, got {store!r}"
+    store = store.remote
     assert isinstance(store, ResilientStore), f"a shared backend should be wrapped, got {store!r}"
     return store
 

@@ -489,7 +489,7 @@ async def test_started_as_root_it_drops_to_the_service_user(open_directory: Path
         assert (await socketmap_lookup(reactor(), target, "postfix", "drop.example"))[0] == "NOTFOUND"
         listed = await run_cli(reactor(), "ctl", "--socket", str(control), "list")
         assert listed.code == 0 and "drop.example" in listed.stdout, listed
-        for path in (state, state / "cache.sqlite3", control.parent, control):
+        for path in (state, state / "cache.sqlite3", state / "cache.sqlite3.lock", control.parent, control):
             assert path.stat().st_uid == nobody.pw_uid, path
         child.send(signal.SIGTERM)
         assert await child.exit_code() == 0, child.text()

@@ -19,8 +19,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from postfix_mtasts.cache import CacheEntry, Source
-from postfix_mtasts.lookup import DNS_FAILURE_RETRY, LookupSettings, PolicyLookup, Resolution, entry_answer
+from postfix_mtasts.config import PolicyConfig
+from postfix_mtasts.lookup import LookupSettings, PolicyLookup, Resolution, entry_answer
 from postfix_mtasts.policy.answer import policy_answer
+from postfix_mtasts.policy.freshness import DNS_FAILURE_RETRY
 from postfix_mtasts.policy.model import Answer, AnswerKind, Mode, Policy
 from postfix_mtasts.resolver import FailureCategory, FetchFailed, TxtAbsent, TxtFailed
 from tests.fakes import (
@@ -78,6 +80,15 @@ class World:
         return run(self.lookup.stop())
 
 
+def settings_of(*, temp_on_first_lookup_timeout: bool = False, **values: Any) -> LookupSettings:
+    """LookupSettings from flat keyword values, the [policy] ones sorted into a PolicyConfig."""
+    policy_fields = PolicyConfig.__dataclass_fields__
+    policy_keys = {name: values.pop(name) for name in list(values) if name in policy_fields}
+    if temp_on_first_lookup_timeout:
+        policy_keys["on_first_lookup_timeout"] = "temp"
+    return LookupSettings(policy=PolicyConfig(**policy_keys), **values)
+
+
 def make_world(**settings: Any) -> World:
     clock = Clock()
     clock.advance(T0)
@@ -86,7 +97,7 @@ def make_world(**settings: Any) -> World:
     dns = FakeTxtResolver()
     https = FakeFetcher()
     lookup = PolicyLookup(
-        clock, dns, https, store, LookupSettings(**settings), rng=random.Random(8461)
+        clock, dns, https, store, settings_of(**settings), rng=random.Random(8461)
     )
     return World(clock, dns, https, store, lookup)
 
@@ -478,7 +489,8 @@ def test_refresh_runs_at_most_refresh_concurrency_fetches_at_once() -> None:
 def test_a_new_refresh_concurrency_applies_to_the_next_refreshes() -> None:
     """A reload replaces the settings; refreshes queued after it use the new bound."""
     w, domains = cached_policies(6, refresh_concurrency=1)
-    w.lookup.settings = replace(w.lookup.settings, refresh_concurrency=4)
+    faster = replace(w.lookup.settings.policy, refresh_concurrency=4)
+    w.lookup.settings = replace(w.lookup.settings, policy=faster)
     for domain in domains:
         w.https.hold(domain)
     advance_until_refreshing(w, domains)

@@ -1,4 +1,4 @@
-"""End to end with Debian's real Postfix (issue 2): ``postmap -q`` against a
+"""End to end with Debian's real Postfix: ``postmap -q`` against a
 ``postfix-mtasts serve`` child pointed at a loopback DNS server and policy host.
 
 What Postfix 3.7 does, as these tests pin down: a found key prints its value

@@ -276,8 +276,8 @@ def test_too_many_pending_requests_close_the_connection() -> None:
 def test_factories_build_protocols_sharing_the_responder_and_clock() -> None:
     responder = ScriptedResponder({b"a.example": OK_A})
     clock = Clock()
-    socketmap_protocol = SocketmapFactory(responder, 5.0, clock).buildProtocol(None)  # type: ignore[arg-type]
-    tcp_protocol = TcpTableFactory(responder, 7.0, "strict", clock).buildProtocol(None)  # type: ignore[arg-type]
+    socketmap_protocol = SocketmapFactory(responder, 5.0, clock=clock).buildProtocol(None)  # type: ignore[arg-type]
+    tcp_protocol = TcpTableFactory(responder, 7.0, "strict", clock=clock).buildProtocol(None)  # type: ignore[arg-type]
     assert socketmap_protocol.responder is cast(Any, responder) and socketmap_protocol.idle_timeout == 5.0
     assert tcp_protocol.profile == "strict" and tcp_protocol.idle_timeout == 7.0
     transport = new_transport(tcp_protocol)

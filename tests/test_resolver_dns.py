@@ -38,7 +38,7 @@ async def server() -> AsyncIterator[DnsServer]:
 
 @pytest.fixture
 def resolver(server: DnsServer) -> DnsResolver:
-    return DnsResolver([server.nameserver], timeout=TEST_TIMEOUT)
+    return DnsResolver([server.nameserver], timeout=TEST_TIMEOUT, reactor=global_reactor)
 
 
 # --- parse_nameserver (unit) --------------------------------------------------
@@ -90,7 +90,7 @@ def test_parse_nameserver_rejects_with_a_clear_message(text: str, complaint: str
 
 def test_bad_nameserver_in_config_fails_at_construction() -> None:
     with pytest.raises(ValueError, match="invalid nameserver 'localhost'"):
-        DnsResolver(["localhost"])
+        DnsResolver(["localhost"], reactor=global_reactor)
 
 
 # --- lookup_sts against the loopback server ------------------------------------
@@ -304,7 +304,9 @@ async def test_second_nameserver_answers_when_the_first_fails(
     try:
         server.set_fault(STS_NAME, "servfail")
         backup.set_txt(STS_NAME, b"v=STSv1; id=backup;")
-        resolver = DnsResolver([server.nameserver, backup.nameserver], timeout=TEST_TIMEOUT)
+        resolver = DnsResolver(
+            [server.nameserver, backup.nameserver], timeout=TEST_TIMEOUT, reactor=global_reactor
+        )
         result = await resolver.lookup_sts("example.com")
     finally:
         await backup.stop()
@@ -317,7 +319,7 @@ async def test_second_nameserver_answers_when_the_first_fails(
 async def test_nameserver_not_listening_is_a_failure() -> None:
     gone = await DnsServer.start(reactor)
     await gone.stop()
-    resolver = DnsResolver([gone.nameserver], timeout=TEST_TIMEOUT)
+    resolver = DnsResolver([gone.nameserver], timeout=TEST_TIMEOUT, reactor=global_reactor)
     result = await resolver.lookup_sts("example.com")
     assert isinstance(result, TxtFailed)
     assert "\n" not in result.reason
@@ -327,7 +329,7 @@ async def test_nameserver_not_listening_is_a_failure() -> None:
 async def test_no_nameservers_configured_is_a_failure(tmp_path: Path) -> None:
     resolv_conf = tmp_path / "resolv.conf"
     resolv_conf.write_text("# no nameserver lines\nsearch example.com\n")
-    resolver = DnsResolver(timeout=TEST_TIMEOUT, resolv_conf=str(resolv_conf))
+    resolver = DnsResolver(timeout=TEST_TIMEOUT, resolv_conf=str(resolv_conf), reactor=global_reactor)
     result = await resolver.lookup_sts("example.com")
     assert isinstance(result, TxtFailed)
     assert result.reason.startswith("no DNS nameservers configured")
@@ -338,7 +340,7 @@ def test_system_configuration_is_read_from_resolv_conf(tmp_path: Path) -> None:
     # so this only checks which servers the resolver would ask.
     resolv_conf = tmp_path / "resolv.conf"
     resolv_conf.write_text("nameserver 127.0.0.1\nnameserver ::1\n")
-    resolver = DnsResolver(timeout=TEST_TIMEOUT, resolv_conf=str(resolv_conf))
+    resolver = DnsResolver(timeout=TEST_TIMEOUT, resolv_conf=str(resolv_conf), reactor=global_reactor)
     assert [str(ns) for ns in resolver._resolver.nameservers] == ["127.0.0.1", "::1"]
 
 

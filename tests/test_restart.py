@@ -1,4 +1,4 @@
-"""Nothing learnt is lost on restart (issue 3): the real daemon, stopped cleanly
+"""Nothing learnt is lost on restart: the real daemon, stopped cleanly
 or killed with SIGKILL, comes back on the same SQLite file and answers every
 policy it had answered, with DNS and HTTPS broken; a corrupt file is kept
 aside and the daemon starts clean."""
@@ -28,8 +28,10 @@ from tests.support.world import World
 
 pytestmark = pytest.mark.integration
 
-#: Bytes written over the database file; not an SQLite header.
+#: Bytes written over the database file after its first page (its header and
+#: schema), so that it stays recognisably ours but its data is damaged.
 GARBAGE = bytes(range(256)) * 32
+SQLITE_PAGE = 4096
 #: Long enough that a restarted daemon has no reason to ask DNS again.
 NO_RECHECK = 3600
 #: The stream of updates: the daemon rechecks every second, the world changes
@@ -101,7 +103,8 @@ async def test_a_corrupt_database_is_kept_aside_and_the_daemon_starts_clean(
         await first.stop()
     finally:
         await first.close()
-    database.write_bytes(GARBAGE)
+    damaged = database.read_bytes()[:SQLITE_PAGE] + GARBAGE
+    database.write_bytes(damaged)
 
     second = await DaemonProcess.start(reactor(), tmp_path, config, name="second")
     try:
@@ -116,11 +119,15 @@ async def test_a_corrupt_database_is_kept_aside_and_the_daemon_starts_clean(
     assert len(about_it) == 1, second.stderr_text()
     assert "corrupt" in about_it[0]
     assert "Traceback" not in second.stderr_text()
-    aside = sorted(name for name in os.listdir(tmp_path) if name.startswith("cache.db.corrupt-"))
+    aside = sorted(
+        name
+        for name in os.listdir(tmp_path)
+        if name.startswith("cache.db.corrupt-") and not name.endswith(("-wal", "-shm"))
+    )
     assert len(aside) == 1, os.listdir(tmp_path)
     assert aside[0] in about_it[0]
     # Kept exactly as it was found, and a working database took its place.
-    assert (tmp_path / aside[0]).read_bytes() == GARBAGE
+    assert (tmp_path / aside[0]).read_bytes() == damaged
     assert database.read_bytes()[:16] == b"SQLite format 3\x00"
     assert any("0 entries loaded" in line for line in second.stderr_lines), second.stderr_text()
 

@@ -1,4 +1,4 @@
-"""A bad request only ever harms its own connection (issue 8): one in-process
+"""A bad request only ever harms its own connection: one in-process
 daemon takes 1000 concurrent connections, socketmap and tcp_table, good ones
 mixed with garbage (broken netstrings, oversize lengths, binary junk, requests
 cut off by a close, slowloris drips), against the loopback DNS server and

@@ -21,7 +21,7 @@ from postfix_mtasts import limits
 from postfix_mtasts.cache import CacheEntry, Source
 from postfix_mtasts.cache.memory import MemoryStore
 from postfix_mtasts.codec import socketmap, tcptable
-from postfix_mtasts.config import Profile
+from postfix_mtasts.config import PolicyConfig, Profile
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup, entry_answer
 from postfix_mtasts.policy.model import Answer, AnswerKind
 from postfix_mtasts.policy.policyfile import parse_policy
@@ -161,7 +161,7 @@ class Rig:
         self.clock.advance(T0)
         self.dns = FakeTxtResolver()
         self.https = FakeFetcher()
-        settings = LookupSettings(recheck_interval=10.0**9)
+        settings = LookupSettings(PolicyConfig(recheck_interval=10.0**9))
         self.lookup = PolicyLookup(self.clock, self.dns, self.https, opened(MemoryStore()), settings)
         self.responder = Responder(self.lookup, PROFILES)
 
@@ -410,7 +410,7 @@ def test_expired_policy_with_failed_refresh_keeps_the_category(rig: Rig) -> None
     assert rig.socketmap("failures")[0] == "OK"
     rig.dns.set_id(DOMAIN, "2")
     rig.https.set(DOMAIN, FetchFailed(reason="invalid policy", category=FailureCategory.INVALID))
-    rig.lookup.settings = LookupSettings(recheck_interval=1.0)
+    rig.lookup.settings = LookupSettings(PolicyConfig(recheck_interval=1.0))
     rig.clock.advance(5)
     assert rig.socketmap("failures")[1].startswith("secure match=")  # old policy still in force
     rig.clock.advance(1000)  # expired; the failed id is in its back-off

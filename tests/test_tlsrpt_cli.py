@@ -106,6 +106,38 @@ def test_nothing_readable_exits_2(tmp_path: Path) -> None:
     ]
 
 
+def test_nothing_readable_with_json_still_prints_json_with_the_reasons(tmp_path: Path) -> None:
+    (tmp_path / "only.json").write_bytes(b"[]")
+    result = run_report(str(tmp_path / "only.json"), str(tmp_path / "missing.json.gz"), "--json")
+    assert result.returncode == 2
+    data = json.loads(result.stdout)
+    assert (data["reports"], data["successful-sessions"], data["failed-sessions"]) == (0, 0, 0)
+    assert data["verdict"] == "No sessions were reported."
+    assert data["broken"] == [
+        {"source": f"{tmp_path}/only.json", "reason": "the report must be a JSON object, not a list"},
+        {"source": f"{tmp_path}/missing.json.gz", "reason": "cannot read: No such file or directory"},
+    ]
+    assert result.stderr.splitlines()[-1] == "postfix-mtasts report: no TLS report could be read"
+
+
+def test_warnings_and_conflicting_copies_are_told_and_the_reports_still_count(tmp_path: Path) -> None:
+    postfix_style = day_report(1)
+    postfix_style["policies"] = [samples.policy(policy_type="no-policy-found", successful=3, failed=1)]
+    del postfix_style["policies"][0]["policy"]["policy-domain"]
+    (tmp_path / "a.json").write_bytes(samples.json_bytes(postfix_style))
+    postfix_style["policies"][0]["summary"]["total-successful-session-count"] = 4
+    (tmp_path / "b.json").write_bytes(samples.json_bytes(postfix_style))
+    result = run_report(str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "TLS reports: 1 read, 0 broken, 1 duplicate" in result.stdout
+    assert result.stderr.splitlines() == [
+        f"postfix-mtasts report: {tmp_path}/b.json: report 'google.com-1' of google.com was already read "
+        f"from {tmp_path}/a.json with different content; the first copy is counted",
+        f"postfix-mtasts report: {tmp_path}/a.json: warning: missing required field "
+        "policies[0].policy.policy-domain; the sessions are counted without a domain",
+    ]
+
+
 @pytest.mark.parametrize("args", [(), ("-",)])
 def test_standard_input(args: tuple[str, ...]) -> None:
     mailbox = samples.mbox([samples.mail_message(day_report(1)), samples.mail_message(day_report(2))])

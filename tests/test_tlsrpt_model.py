@@ -224,3 +224,127 @@ def test_text_that_is_not_a_report(text: bytes, reason: str) -> None:
 
 def test_a_byte_order_mark_is_accepted() -> None:
     assert parse_report_text(b"\xef\xbb\xbf" + samples.json_bytes(samples.report())).report_id
+
+
+def test_a_no_policy_found_policy_without_its_domain_is_read_with_a_warning() -> None:
+    """Postfix's own TLSRPT reporter left policy-domain out of no-policy-found policies until 2025."""
+    data = samples.report(policies=[
+        samples.policy(successful=10),
+        samples.policy(policy_type="no-policy-found", successful=7, failed=2),
+    ])
+    del data["policies"][1]["policy"]["policy-domain"]
+    report = parse_report(data)
+    assert [p.policy_domain for p in report.policies] == ["example.com", None]
+    assert (report.successful_sessions, report.failed_sessions) == (17, 2)
+    assert report.warnings == (
+        "missing required field policies[1].policy.policy-domain; the sessions are counted without a domain",
+    )
+
+
+def test_the_draft_name_failure_error_code_is_the_failure_reason_code() -> None:
+    data = samples.report(policies=[samples.policy(details=[
+        samples.failure("validation-failure", 3, failure_error_code="X509_V_ERR_PROXY_PATH_LENGTH_EXCEEDED"),
+        samples.failure("validation-failure", 1, failure_error_code="old", failure_reason_code="new"),
+    ])])
+    report = parse_report(data)
+    assert [d.failure_reason_code for d in report.policies[0].failure_details] == [
+        "X509_V_ERR_PROXY_PATH_LENGTH_EXCEEDED", "new"]
+    assert report.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "moment"),
+    [
+        ("2024-05-01t00:00:00z", datetime(2024, 5, 1, tzinfo=UTC)),
+        ("2024-05-01T23:59:59z", datetime(2024, 5, 1, 23, 59, 59, tzinfo=UTC)),
+        ("2024-05-01 12:00:00Z", datetime(2024, 5, 1, 12, tzinfo=UTC)),
+        ("2024-05-01T12:00:00.123456789Z", datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)),
+        ("2024-05-01T12:00:00-07:30", datetime(2024, 5, 1, 19, 30, tzinfo=UTC)),
+        ("2024-05-01T12:00:00+0200", datetime(2024, 5, 1, 10, tzinfo=UTC)),
+        ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, tzinfo=UTC)),  # a leap second
+    ],
+)
+def test_rfc_3339_date_times_in_either_case(text: str, moment: datetime) -> None:
+    data = samples.report(start=text, end="2030-01-01T00:00:00Z")
+    assert parse_report(data).start == moment
+
+
+@pytest.mark.parametrize(
+    "text", ["2024-05-01", "2024-W18-3T00:00:00", "20240501T000000Z", "2024-05-01T25:00:00Z",
+             "2024-02-30T00:00:00Z", "2024-05-01T00:00:00+24:00", "2024-05-01T00:00:00Zjunk",
+             "٢٠٢٤-05-01T00:00:00Z"],
+)
+def test_what_is_no_rfc_3339_date_time_is_refused(text: str) -> None:
+    with pytest.raises(ReportError) as caught:
+        parse_report(samples.report(start=text))
+    assert str(caught.value).startswith("date-range.start-datetime is not")
+    assert repr(text) in str(caught.value)
+
+
+def test_details_adding_up_to_more_than_the_summary_give_one_warning_per_policy() -> None:
+    data = samples.report(policies=[
+        samples.policy(failed=2, details=[samples.failure("certificate-expired", 2),
+                                          samples.failure("starttls-not-supported", 1)]),
+        samples.policy(domain="example.org", failed=1, details=[samples.failure("certificate-expired", 1)]),
+        samples.policy(domain="example.net", failed=0, details=[samples.failure("dane-required", 4)]),
+    ])
+    report = parse_report(data)
+    assert report.failed_sessions == 3  # the summaries count, as RFC 8460 §4.4 defines them
+    assert report.warnings == (
+        "policies[0]: failure-details add up to 3 failed sessions, more than the summary's "
+        "total-failure-session-count 2; the summary's figure is counted",
+        "policies[2]: failure-details add up to 4 failed sessions, more than the summary's "
+        "total-failure-session-count 0; the summary's figure is counted",
+    )
+
+
+def test_odd_fields_are_counted_and_named() -> None:
+    data = samples.report(policies=[samples.policy(details=[
+        samples.failure("Testing", 1, sending_ip="x.x.x.x", receiving_ip="2001:db8::25",
+                        additional_info_uri="testing.example"),
+        samples.failure("certificate-expired", 1, receiving_ip="mx.example.com", extra={"a": 1}),
+    ])])
+    report = parse_report(data)
+    assert [d.result_type for d in report.policies[0].failure_details] == ["testing", "certificate-expired"]
+    assert report.warnings == (
+        "policies[0].failure-details[0].result-type 'Testing' is not a result type of RFC 8460 §4.3",
+        "policies[0].failure-details[0].sending-mta-ip 'x.x.x.x' is not an IP address",
+        "policies[0].failure-details[0] has a field RFC 8460 does not define: "
+        "additional-info-uri = 'testing.example'",
+        "policies[0].failure-details[1].receiving-ip 'mx.example.com' is not an IP address",
+        "policies[0].failure-details[1] has a field RFC 8460 does not define: extra = {\"a\": 1}",
+    )
+
+
+def test_a_tlsa_policy_string_holding_a_json_array_is_unpacked() -> None:
+    data = samples.report(policies=[samples.policy(policy_type="tlsa")])
+    data["policies"][0]["policy"]["policy-string"] = ['["3 1 1 AB", "3 1 1 CD"]']
+    assert parse_report(data).policies[0].policy_strings == ("3 1 1 AB", "3 1 1 CD")
+    data["policies"][0]["policy"]["policy-string"] = ["[not json]"]
+    assert parse_report(data).policies[0].policy_strings == ("[not json]",)
+
+
+@pytest.mark.parametrize(
+    ("sent", "read"),
+    [
+        ("https://reports.example/  report_info ? id = 50 c - 23 d3# Starttls ",
+         "https://reports.example/report_info?id=50c-23d3#Starttls"),
+        ("see the postmaster page: it explains", "see the postmaster page: it explains"),
+    ],
+)
+def test_a_line_wrapped_uri_in_additional_information_is_joined(sent: str, read: str) -> None:
+    data = samples.report(policies=[samples.policy(details=[
+        samples.failure("starttls-not-supported", 1, additional_information=sent)])])
+    assert parse_report(data).policies[0].failure_details[0].additional_information == read
+
+
+def test_a_policy_type_in_capitals_is_read() -> None:
+    data = samples.report(policies=[samples.policy(policy_type="STS")])
+    assert parse_report(data).policies[0].policy_type is PolicyType.STS
+
+
+def test_a_number_too_long_to_read_is_a_reason_not_a_crash() -> None:
+    text = b'{"organization-name": "x", "n": ' + b"9" * 5000 + b"}"
+    with pytest.raises(ReportError) as caught:
+        parse_report_text(text)
+    assert str(caught.value).startswith("bad JSON: Exceeds the limit")

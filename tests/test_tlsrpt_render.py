@@ -9,6 +9,8 @@ import json
 import re
 from html.parser import HTMLParser
 
+import pytest
+
 from postfix_mtasts.tlsrpt.render import (
     CSV_COLUMNS,
     CSV_SUCCESS,
@@ -86,8 +88,9 @@ def test_json_parses_back_with_the_same_figures() -> None:
         ("example.com", "enforce", 12_345), ("example.com", "testing", 500), ("example.org", None, 40),
     ]
     assert data["failures"][0] == {
-        "result-type": "sts-webpki-invalid", "sending-mta-ip": "192.0.2.10", "receiving-mx": "-",
-        "failed-sessions": 4, "failure-reason-codes": [],
+        "result-type": "sts-webpki-invalid", "sending-mta-ip": "192.0.2.10", "receiving-mx-hostname": None,
+        "receiving-mx-helo": None, "receiving-ip": None, "failure-reason-code": None,
+        "additional-information": None, "receiving-mx": "-", "failed-sessions": 4,
     }
     assert [t["result-type"] for t in data["result-types"]] == [
         "sts-webpki-invalid", "certificate-expired", "starttls-not-supported"]
@@ -162,3 +165,121 @@ def test_the_chart_fills_days_without_reports() -> None:
     heights = [int(h) for h in re.findall(r'height="(\d+)"><title>', svg)]
     assert heights[1] == heights[4] == 0
     assert heights[0] > heights[2] > 0 and heights[5] > heights[3] > 0  # each panel to its own scale
+
+
+def _every_field_report() -> bytes:
+    return samples.json_bytes(samples.report(report_id="all", policies=[samples.policy(details=[
+        samples.failure("validation-failure", 3, sending_ip="203.0.113.9", mx="mx1.example.com",
+                        receiving_mx_helo="helo.mx1.example.com", receiving_ip="198.51.100.25",
+                        failure_reason_code="X509_V_ERR_PROXY_PATH_LENGTH_EXCEEDED",
+                        additional_information="https://reporter.example/why?id=42"),
+    ])]))
+
+
+#: Every failure-details field of _every_field_report, by its RFC 8460 name.
+EVERY_FIELD = {
+    "result-type": "validation-failure",
+    "sending-mta-ip": "203.0.113.9",
+    "receiving-mx-hostname": "mx1.example.com",
+    "receiving-mx-helo": "helo.mx1.example.com",
+    "receiving-ip": "198.51.100.25",
+    "failure-reason-code": "X509_V_ERR_PROXY_PATH_LENGTH_EXCEEDED",
+    "additional-information": "https://reporter.example/why?id=42",
+}
+
+
+def test_text_shows_every_field_of_a_failure() -> None:
+    summary, collected = load([_every_field_report()])
+    text = render_text(summary, collected)
+    assert re.search(r"^validation-failure +203\.0\.113\.9 +mx1\.example\.com +3$", text, re.M)
+    for name in ("receiving-mx-helo", "receiving-ip", "failure-reason-code", "additional-information"):
+        assert f"    {name}: {EVERY_FIELD[name]}\n" in text
+    assert max(len(line) for line in text.splitlines()) <= TERMINAL_WIDTH
+
+
+def test_html_shows_every_field_of_a_failure() -> None:
+    summary, collected = load([_every_field_report()])
+    parser = _PageParser()
+    parser.feed(render_html(summary, collected))
+    cells = [t for t in parser.text if t.strip()]
+    for value in EVERY_FIELD.values():
+        assert value in cells, value
+
+
+def test_json_and_csv_carry_every_field_of_a_failure() -> None:
+    summary, collected = load([_every_field_report()])
+    (failure,) = json.loads(render_json(summary, collected))["failures"]
+    assert failure == {**EVERY_FIELD, "receiving-mx": "mx1.example.com", "failed-sessions": 3}
+    rows = list(csv.DictReader(io.StringIO(render_csv(collected))))
+    detail = next(r for r in rows if r["result"] == "validation-failure")
+    assert {name: detail[name] for name in EVERY_FIELD if name != "result-type"} == {
+        name: value for name, value in EVERY_FIELD.items() if name != "result-type"}
+    assert detail["sessions"] == "3"
+
+
+def _no_policy(failed: int) -> bytes:
+    return samples.json_bytes(samples.report(report_id=f"np{failed}", policies=[
+        samples.policy(domain="xn--gpher-jua.test", policy_type="no-policy-found", successful=99,
+                       failed=failed),
+    ]))
+
+
+def test_failed_no_policy_found_sessions_are_not_called_harmless() -> None:
+    summary, collected = load([_no_policy(102)])
+    text = render_text(summary, collected)
+    data = json.loads(render_json(summary, collected))
+    page = render_html(summary, collected)
+    for shown in (text, page, json.dumps(data)):
+        assert "nothing is broken" not in shown
+    flat = " ".join(text.split())
+    assert ("102 failed sessions: 102 to a domain that publishes no policy the sender could use "
+            "(no-policy-found): most senders then deliver without TLS.") in flat
+    assert "What it means: the receiving domain publishes no policy the sender could use" in flat
+    assert "No failed sessions" not in flat
+    assert data["verdict"] in flat
+    assert data["no-policy-found"]["failed-sessions"] == 102
+    assert '<p id="verdict"><b>102 failed sessions' in page
+
+
+@pytest.mark.parametrize(
+    ("payloads", "verdict"),
+    [
+        ([_no_policy(0)], "No failed sessions, but no MTA-STS or DANE policy applied to any of the 99: "
+                          "senders used TLS without being required to (no-policy-found)."),
+        ([samples.json_bytes(samples.report())], "No failed sessions: every reported sender negotiated TLS "
+                                                 "as your policy asks."),
+        ([samples.json_bytes(samples.report()), _no_policy(0)],
+         "No failed sessions, but 99 of the 199 were under no MTA-STS or DANE policy: senders used TLS there "
+         "without being required to (no-policy-found)."),
+        ([samples.json_bytes(samples.report(policies=[samples.policy(details=[
+            samples.failure("certificate-expired", 4)])])), _no_policy(2)],
+         "6 failed sessions: 4 where your MTA-STS or DANE policy applied (an enforced policy makes the "
+         "sender refuse such a connection and retry; in testing mode it delivers anyway); 2 to a domain "
+         "that publishes no policy the sender could use (no-policy-found): most senders then deliver "
+         "without TLS."),
+        ([], "No sessions were reported."),
+    ],
+)
+def test_the_verdict_says_what_failed_under_which_policy(payloads: list[bytes], verdict: str) -> None:
+    summary, collected = load(payloads)
+    assert json.loads(render_json(summary, collected))["verdict"] == verdict
+
+
+def test_a_missing_policy_domain_and_the_warnings_are_shown() -> None:
+    data = samples.report(report_id="postfix", policies=[
+        samples.policy(policy_type="no-policy-found", successful=5)])
+    del data["policies"][0]["policy"]["policy-domain"]
+    summary, collected = load([samples.json_bytes(data)])
+    warning = ("missing required field policies[0].policy.policy-domain; "
+               "the sessions are counted without a domain")
+    text = render_text(summary, collected)
+    assert re.search(r"^no-policy-found +\(missing\) +- +5 +0 +0\.00 %$", text, re.M)
+    assert warning in " ".join(text.split())
+    as_json = json.loads(render_json(summary, collected))
+    assert as_json["policies"][0]["policy-domain"] is None
+    assert as_json["warnings"] == [{"source": "input 0", "organization-name": "google.com",
+                                    "report-id": "postfix", "warning": warning}]
+    page = render_html(summary, collected)
+    assert f"<li>input 0: {warning}</li>" in page
+    rows = list(csv.DictReader(io.StringIO(render_csv(collected))))
+    assert rows[0]["policy-domain"] == ""

@@ -3,10 +3,13 @@ Inputs are recognised by content; broken ones are named and the rest still count
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import os
+import tracemalloc
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -202,7 +205,7 @@ def test_a_gzip_bomb_is_stopped_at_the_limit(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(sources, "MAX_REPORT_BYTES", 1000)
     bomb = gzip.compress(b" " * 5000 + samples.json_bytes(one_day(1)))
     assert broken(list(sources.read_bytes("bomb", bomb))) == [
-        ("bomb", "decompresses to more than 1000 bytes")
+        ("bomb", "decompresses to more than 1,000 bytes")
     ]
 
 
@@ -239,3 +242,161 @@ def test_an_unreadable_maildir_folder_is_named(tmp_path: Path, monkeypatch: pyte
     items = list(read_path(str(maildir)))
     assert broken(items) == [(str(maildir / "new"), "cannot read: Permission denied")]
     assert found_ids(items) == ["google.com-1"]
+
+
+def _mime(parts: list[tuple[str, bytes]], top: str | None = None) -> bytes:
+    """A multipart/report message with parts given as raw header block and body, so a test can
+    garble any header."""
+    boundary = "b0undary"
+    head = top or f'multipart/report; report-type="tlsrpt"; boundary="{boundary}"'
+    out = [b"From: noreply-smtp-tls-reporting@google.com\nSubject: Report Domain: example.com\n",
+           f"MIME-Version: 1.0\nContent-Type: {head}\n\n".encode()]
+    out.append(f"--{boundary}\nContent-Type: text/plain\n\nThis is an aggregate TLS report.\n".encode())
+    for headers, body in parts:
+        out.append(f"--{boundary}\n{headers}\n\n".encode() + body + b"\n")
+    out.append(f"--{boundary}--\n".encode())
+    return b"".join(out)
+
+
+def _zip_of(data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("report.json", data)
+    return buffer.getvalue()
+
+
+def _base64(data: bytes) -> bytes:
+    return base64.encodebytes(data)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        # the bare media type, no +json (stalwart's fixture)
+        ('Content-Type: application/tlsrpt\nContent-Disposition: attachment; filename="r.json"',
+         samples.json_bytes(one_day(1))),
+        # an unnamed octet-stream gzip
+        ("Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64",
+         _base64(samples.gzip_bytes(one_day(1)))),
+        # a semicolon missing from Content-Type: Python reads the whole line as the media type
+        ('Content-Type: application/tlsrpt+gzip name="r.json.gz"\nContent-Transfer-Encoding: base64',
+         _base64(samples.gzip_bytes(one_day(1)))),
+        # no media type at all: text/plain by default
+        ("Content-Type: application\nContent-Transfer-Encoding: base64",
+         _base64(samples.gzip_bytes(one_day(1)))),
+        # Content-Transfer-Encoding missing: the base64 text is read as it is
+        ("Content-Type: application/tlsrpt+gzip", _base64(samples.gzip_bytes(one_day(1)))),
+        ("Content-Type: application/x-unknown\nContent-Transfer-Encoding: bas64",
+         _base64(samples.gzip_bytes(one_day(1)))),
+        # a zip, unnamed and untyped
+        ("Content-Transfer-Encoding: base64", _base64(_zip_of(samples.json_bytes(one_day(1))))),
+        # JSON pasted into a text part
+        ("Content-Type: text/plain; charset=utf-8", samples.json_bytes(one_day(1))),
+    ],
+)
+def test_a_report_is_found_by_its_content_whatever_the_part_says(headers: str, body: bytes) -> None:
+    items = list(sources.read_bytes("m", _mime([(headers, body)])))
+    assert found_ids(items) == ["google.com-1"], items
+    assert len(items) == 1
+
+
+def test_a_report_is_found_under_a_garbled_multipart_header() -> None:
+    """A top-level Content-Type without its ';' leaves the whole MIME body as one text part."""
+    message = _mime([("Content-Type: application/tlsrpt+gzip\nContent-Transfer-Encoding: base64",
+                      _base64(samples.gzip_bytes(one_day(1)))),
+                     ("Content-Type: application/tlsrpt+json", samples.json_bytes(one_day(2)))],
+                    top='multipart/report boundary="b0undary"')
+    assert found_ids(list(sources.read_bytes("m", message))) == ["google.com-1", "google.com-2"]
+
+
+def test_parts_that_only_look_a_bit_like_reports_are_not_read() -> None:
+    message = _mime([
+        ("Content-Type: text/plain", b'Config: {"retries": 3} and {"organization": 1}\n'),
+        ("Content-Type: application/octet-stream", b"\x00\x01binary"),
+        ("Content-Type: text/plain\nContent-Transfer-Encoding: base64", _base64(b"eyes only\n")),
+    ])
+    items = list(sources.read_bytes("m", message))
+    assert items == [Ignored("m", "no TLS report attached (subject: Report Domain: example.com)")]
+
+
+def test_a_declared_report_that_is_broken_is_named() -> None:
+    message = _mime([("Content-Type: application/tlsrpt+json", b'{"organization-name": "x"}'),
+                     ("Content-Type: application/tlsrpt+gzip", b"")])
+    assert broken(list(sources.read_bytes("m", message))) == [
+        ("m attachment 1", "missing required field date-range"),
+        ("m attachment 2", "empty application/tlsrpt+gzip attachment"),
+    ]
+
+
+def _peak_memory(run: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+#: Decompressed size of the bombs below: more than the limit.
+BOMB_BYTES = 60_000_000
+
+
+def test_a_real_gzip_bomb_is_refused_at_50_mb_without_holding_it() -> None:
+    assert sources.MAX_REPORT_BYTES == 50_000_000
+    bomb = gzip.compress(b"{" + b" " * BOMB_BYTES + b"}", compresslevel=9)
+    assert len(bomb) < 100_000
+    items: list[Item] = []
+    peak = _peak_memory(lambda: items.extend(sources.read_bytes("bomb", bomb)))
+    assert broken(items) == [("bomb", "decompresses to more than 50,000,000 bytes")]
+    assert peak < sources.MAX_REPORT_BYTES // 10  # measured in chunks that are not kept
+
+
+def test_a_zip_bomb_stops_at_the_archives_limit_and_the_rest_still_counts(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a.json", samples.json_bytes(one_day(1)))
+        for n in range(3):
+            archive.writestr(f"bomb{n}.json", b" " * (BOMB_BYTES // 2))
+        archive.writestr("z.json", samples.json_bytes(one_day(2)))
+    (tmp_path / "1.zip").write_bytes(buffer.getvalue())
+    (tmp_path / "2.json").write_bytes(samples.json_bytes(one_day(3)))
+    items: list[Item] = []
+    peak = _peak_memory(lambda: items.extend(read_path(str(tmp_path))))
+    assert found_ids(items) == ["google.com-1", "google.com-3"]
+    assert broken(items) == [
+        (f"{tmp_path}/1.zip member bomb0.json", "empty"),
+        (f"{tmp_path}/1.zip member bomb1.json",
+         "the archive decompresses to more than 50,000,000 bytes; its 2 later members are not read"),
+    ]
+    assert peak < 2 * BOMB_BYTES // 2 + sources.MAX_REPORT_BYTES // 10
+
+
+def test_a_report_read_twice_with_different_content_is_a_conflict(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_bytes(samples.json_bytes(one_day(1)))
+    (tmp_path / "b.json").write_bytes(samples.json_bytes(one_day(1)))
+    (tmp_path / "c.json").write_bytes(samples.json_bytes(one_day(1, successful=7)))
+    collected = collect(read_path(str(tmp_path)))
+    assert [(d.source, d.first_source, d.conflict) for d in collected.duplicates] == [
+        (str(tmp_path / "b.json"), str(tmp_path / "a.json"), False),
+        (str(tmp_path / "c.json"), str(tmp_path / "a.json"), True),
+    ]
+
+
+def test_bad_input_never_stops_the_rest(tmp_path: Path) -> None:
+    huge_number = b'{"organization-name": "x", "n": ' + b"9" * 5000 + b"}"
+    wrong_types = samples.report()
+    wrong_types["policies"][0]["failure-details"] = "none"
+    path = tmp_path / "inbox.mbox"
+    path.write_bytes(samples.mbox([
+        samples.mail_message(huge_number, media_type="application/tlsrpt+json", filename="n.json"),
+        samples.mail_message(one_day(1)),
+        samples.mail_message(wrong_types),
+        samples.mail_message(b"[" * 100_000, media_type="application/tlsrpt+json", filename="deep.json"),
+        samples.mail_message(one_day(2)),
+    ]))
+    items = list(read_path(str(path)))
+    assert found_ids(items) == ["google.com-1", "google.com-2"]
+    reasons = [reason for _, reason in broken(items)]
+    assert reasons[0].startswith("bad JSON: Exceeds the limit (4300 digits)")
+    assert reasons[1] == "policies[0].failure-details must be a list, not a string"
+    assert reasons[2] == "bad JSON: nested too deeply"

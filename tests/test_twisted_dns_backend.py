@@ -458,7 +458,7 @@ EPOLL_PROGRAM = textwrap.dedent(
             loop = "asyncio loop running"
         except RuntimeError:
             loop = "no asyncio loop"
-        result = await DnsResolver([sys.argv[1]], timeout=10).lookup_sts("example.com")
+        result = await DnsResolver([sys.argv[1]], timeout=10, reactor=_reactor).lookup_sts("example.com")
         print(type(reactor).__name__, loop, repr(result), sep="\\n")
 
 

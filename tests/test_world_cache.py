@@ -1,4 +1,4 @@
-"""RFC 8461 cache rules end to end (issue 3): a real in-process daemon, the real
+"""RFC 8461 cache rules end to end: a real in-process daemon, the real
 reactor, a loopback DNS server and policy host that the test turns hostile.
 
 The daemon rechecks the TXT id every ``RECHECK`` second (the smallest the

@@ -1,4 +1,4 @@
-"""MTA-STS discovery end to end (issue 2): a real in-process daemon answers over
+"""MTA-STS discovery end to end: a real in-process daemon answers over
 real sockets, from a loopback DNS server and a hostile loopback policy host.
 
 Every rule has a test that fails if the rule breaks: the answer strings, the

@@ -62,6 +62,7 @@ class ResilientStore:
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
         max_pending: int = MAX_PENDING_WRITES,
         open_timeout: float | None = None,
+        backed_up_locally: bool = False,
     ) -> None:
         if op_timeout <= 0 or retry_interval <= 0 or max_pending < 1:
             raise ValueError("op_timeout and retry_interval must be positive, max_pending at least 1")
@@ -73,6 +74,11 @@ class ResilientStore:
         self.retry_interval = retry_interval
         self.max_pending = max_pending
         self.open_timeout = op_timeout if open_timeout is None else open_timeout
+        #: True when a local copy holds every write too (cache.layered), so a
+        #: write still queued at shutdown is not lost: it is written again later.
+        self.backed_up_locally = backed_up_locally
+        #: Called once the store answers again after an outage (or a failed open).
+        self.on_recovered: Callable[[], None] | None = None
         #: False from the first failure until the store answers and the queue is written.
         self.available = True
         #: Writes dropped because the queue was full, since the store went down.
@@ -160,6 +166,8 @@ class ResilientStore:
             self._flushed_this_outage,
             dropped,
         )
+        if self.on_recovered is not None:
+            self.on_recovered()
 
     async def _flush(self) -> None:
         """Write the queue back in order; stops (queue kept) at the first failure."""
@@ -349,7 +357,14 @@ class ResilientStore:
                 await flush
             except (StoreUnavailable, defer.TimeoutError) as e:
                 log.debug("%s store: final flush failed: %s", self.name, e)
-        if self.pending_writes:
+        if self.pending_writes and self.backed_up_locally:
+            log.info(
+                "%s store: %d queued writes are kept in the local copy and written to the "
+                "store after the next start",
+                self.name,
+                self.pending_writes,
+            )
+        elif self.pending_writes:
             log.warning(
                 "%s store: %d queued writes could not be written before shutdown",
                 self.name,

@@ -29,6 +29,17 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, StoreUnavailable
+from postfix_mtasts.cache.sqlite_file import APPLICATION_ID as APPLICATION_ID
+from postfix_mtasts.cache.sqlite_file import (
+    DatabaseLock,
+    Ownership,
+    create_database,
+    examine,
+    make_directory,
+    move_aside,
+)
+from postfix_mtasts.cache.sqlite_file import Migration as Migration
+from postfix_mtasts.cache.sqlite_file import StoreError as StoreError
 from postfix_mtasts.errors import one_line
 
 log = logging.getLogger("postfix_mtasts.cache")
@@ -40,15 +51,10 @@ LOAD_BATCH = 5000
 WRITE_BATCH = 500
 #: Seconds a statement waits for another connection's lock before failing.
 BUSY_TIMEOUT = 5.0
-#: Mode of the state directory when we create it, and of the database file.
-DIRECTORY_MODE = 0o750
-FILE_MODE = 0o600
 #: Where the cache lives when running as root, and its name under any state dir.
 SYSTEM_STATE_DIRECTORY = "/var/lib/postfix-mtasts"
 STATE_SUBDIRECTORY = "postfix-mtasts"
 DATABASE_NAME = "cache.sqlite3"
-#: Files SQLite keeps beside the database; moved aside with it when corrupt.
-SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 #: SQLite primary result codes that mean the file itself is damaged.
 CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
@@ -56,9 +62,6 @@ CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 REASON_LIMIT = 160
 
 _T = TypeVar("_T")
-
-#: One schema step: run inside its own transaction, then user_version is bumped.
-Migration = Callable[[sqlite3.Connection], None]
 
 
 def _statements(*sql: str) -> Migration:
@@ -98,11 +101,6 @@ class ThreadedReactor(Protocol):
     def callFromThread(self, f: Callable[..., Any], *args: Any) -> None: ...
     def addSystemEventTrigger(self, phase: str, eventType: str, callable: Callable[..., Any]) -> Any: ...
     def removeSystemEventTrigger(self, triggerID: Any) -> None: ...
-
-
-class StoreError(Exception):
-    """The database cannot be used at all (newer schema, failed migration);
-    ``str()`` is one line naming the file and the way out."""
 
 
 class _Corrupt(Exception):
@@ -180,6 +178,8 @@ class SqliteStore:
         self._pool: ThreadPool | None = None
         self._shutdown_trigger: object | None = None
         self._conn: sqlite3.Connection | None = None
+        #: Held from open() to close(): no other daemon uses the file meanwhile.
+        self._lock: DatabaseLock | None = None
         self._malformed_reported = False
         #: Rows skipped because their data did not parse, since open().
         self.malformed_rows = 0
@@ -257,12 +257,31 @@ class SqliteStore:
             pool.stop()
 
     def _open_in_thread(self, stamp: str) -> sqlite3.Connection:
-        self._make_directory()
+        make_directory(self.path)
+        # Refused before the lock file or SQLite creates anything beside it.
+        examine(self.path, self._migrations)
+        lock = DatabaseLock(self.path)
+        lock.acquire()
+        try:
+            conn = self._open_locked(stamp)
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+        return conn
+
+    def _open_locked(self, stamp: str) -> sqlite3.Connection:
+        """The checked, migrated connection, once no other daemon can open the
+        file; a damaged database of ours is moved aside and a new one made."""
+        # Looked at again: it may have changed before the lock was ours.
+        ownership = examine(self.path, self._migrations)
+        if ownership is Ownership.MISSING:
+            ownership = self._create()
         try:
             conn = self._connect()
         except _Corrupt as e:
             try:
-                aside = self._move_aside(stamp)
+                aside = move_aside(self.path, stamp)
             finally:
                 if e.conn is not None:
                     e.conn.close()
@@ -272,6 +291,7 @@ class SqliteStore:
                 e,
                 aside,
             )
+            ownership = self._create()
             try:
                 conn = self._connect()
             except _Corrupt as again:
@@ -281,32 +301,34 @@ class SqliteStore:
                     f"cache database {self.path} is still corrupt after moving the old file aside ({again})"
                 ) from None
         try:
+            if ownership is Ownership.UNSTAMPED:
+                self._stamp(conn)
             self._migrate(conn)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _make_directory(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if os.path.isdir(directory):
-            return
+    def _create(self) -> Ownership:
+        def initialise(conn: sqlite3.Connection) -> None:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self._migrate(conn)
+
+        return create_database(self.path, initialise, self._migrations)
+
+    def _stamp(self, conn: sqlite3.Connection) -> None:
+        """Mark a database an older postfix-mtasts made as ours."""
         try:
-            os.makedirs(directory, mode=DIRECTORY_MODE)
-            os.chmod(directory, DIRECTORY_MODE)  # makedirs' mode is cut by umask
-        except OSError as e:
-            raise StoreUnavailable(f"cannot create cache directory {directory}: {e.strerror}") from e
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            # Into the main file now, so that its header tells the truth.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot mark cache database {self.path} as ours: {one_line(e)}") from e
+        log.info("cache database %s was made by an older postfix-mtasts: marked as its own", self.path)
 
     def _connect(self) -> sqlite3.Connection:
-        """A checked connection in WAL mode; raises _Corrupt for a damaged file."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise StoreUnavailable(f"cannot create cache database {self.path}: {e.strerror}") from e
-        else:
-            os.close(fd)
+        """A checked connection in WAL mode to the database examine() found
+        ours; raises _Corrupt for a damaged file."""
         conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(
@@ -349,23 +371,6 @@ class SqliteStore:
             if conn is not None:
                 conn.close()
             raise
-
-    def _move_aside(self, stamp: str) -> str:
-        base = f"{self.path}.corrupt-{stamp}"
-        aside, n = base, 1
-        while os.path.exists(aside):
-            aside, n = f"{base}.{n}", n + 1
-        try:
-            os.replace(self.path, aside)
-            for suffix in SIDE_SUFFIXES:
-                if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, aside + suffix)
-        except OSError as e:
-            raise StoreError(
-                f"cache database {self.path} is corrupt and cannot be moved"
-                f" aside ({e.strerror}); remove it by hand"
-            ) from e
-        return aside
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         known = len(self._migrations)
@@ -571,8 +576,13 @@ class SqliteStore:
 
         def close_in_thread() -> None:
             conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
+            lock, self._lock = self._lock, None
+            try:
+                if conn is not None:
+                    conn.close()
+            finally:
+                if lock is not None:
+                    lock.release()
 
         try:
             await self._call(close_in_thread)

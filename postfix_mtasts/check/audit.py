@@ -111,7 +111,7 @@ class Auditor:
         self._settings = settings
         self._clock = clock
         try:
-            self._dns = DnsResolver(settings.nameservers, settings.dns_timeout)
+            self._dns = DnsResolver(settings.nameservers, settings.dns_timeout, reactor=reactor)
             self._fetcher = HttpsPolicyFetcher(
                 reactor,
                 self._dns,

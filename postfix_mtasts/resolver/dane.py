@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from postfix_mtasts import limits
 from postfix_mtasts.policy.model import Answer, AnswerKind
-from postfix_mtasts.resolver.dns import EDNS_PAYLOAD, parse_nameserver
+from postfix_mtasts.resolver.dns import EDNS_PAYLOAD, NameserverSpec, do53_nameservers
 from postfix_mtasts.resolver.twisted_backend import TwistedBackend, cancellable
 
 log = logging.getLogger("postfix_mtasts.dane")
@@ -123,20 +123,17 @@ class _Reply:
 
 
 class DaneResolver:
-    """Asks one trusted validating resolver (with the DO bit) about MX and TLSA,
-    on ``reactor`` (the global one when None, looked up at the first query)."""
+    """Asks one trusted validating resolver (with the DO bit) about MX and TLSA, on ``reactor``."""
 
     def __init__(
-        self, nameservers: Sequence[str], timeout: float = limits.DNS_TIMEOUT, *, reactor: Any = None
+        self, nameservers: Sequence[NameserverSpec], timeout: float = limits.DNS_TIMEOUT, *, reactor: Any
     ) -> None:
         if not nameservers:
             raise ValueError("DANE needs the address of a DNSSEC-validating resolver")
         self.timeout = float(timeout)
         self._backend = TwistedBackend(reactor)
         resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(*parse_nameserver(text)) for text in nameservers
-        ]
+        resolver.nameservers = do53_nameservers(nameservers)
         resolver.cache = None
         resolver.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
         resolver.retry_servfail = False

@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -92,6 +92,29 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     return str(address), int(port_text)
 
 
+class ParsedNameserver(Protocol):
+    """A nameserver the configuration has already parsed (config.Nameserver)."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+#: A nameserver as text (``ADDRESS[:PORT]``) or already parsed.
+NameserverSpec = str | ParsedNameserver
+
+
+def do53_nameservers(nameservers: Sequence[NameserverSpec]) -> list[dns.nameserver.Do53Nameserver]:
+    """dnspython's servers for ``nameservers``; text is parsed, parsed values are taken as they are."""
+    servers = []
+    for item in nameservers:
+        address, port = parse_nameserver(item) if isinstance(item, str) else (item.address, item.port)
+        servers.append(dns.nameserver.Do53Nameserver(address, port))
+    return servers
+
+
 def _bad_nameserver(text: str, why: str) -> ValueError:
     return ValueError(
         f"invalid nameserver {text!r}: {why}; write an IP address with an optional "
@@ -152,26 +175,23 @@ class DnsResolver:
     Without ``nameservers`` it uses the system's resolv.conf; otherwise only
     the given ``ADDRESS[:PORT]`` servers. dnspython's cache stays off (the
     policy cache above decides what to remember); EDNS0 is on and truncated
-    UDP answers are retried over TCP. Queries run on ``reactor`` (the global
-    one when None, looked up at the first query).
+    UDP answers are retried over TCP. Queries run on ``reactor``.
     """
 
     def __init__(
         self,
-        nameservers: Sequence[str] = (),
+        nameservers: Sequence[NameserverSpec] = (),
         timeout: float = limits.DNS_TIMEOUT,
         *,
+        reactor: Any,
         resolv_conf: str = RESOLV_CONF,
-        reactor: Any = None,
     ) -> None:
         self.timeout = float(timeout)
         self._backend = TwistedBackend(reactor)
         self._unconfigured: str | None = None
         resolver = dns.asyncresolver.Resolver(configure=False)
         if nameservers:
-            resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(*parse_nameserver(text)) for text in nameservers
-            ]
+            resolver.nameservers = do53_nameservers(nameservers)
         else:
             try:
                 resolver.read_resolv_conf(resolv_conf)

@@ -281,22 +281,13 @@ class _StreamSocket(dns._asyncbackend.StreamSocket):
 
 class TwistedBackend(dns._asyncbackend.Backend):
     """dnspython's ``backend`` for ``Resolver.resolve``: UDP and TCP (Do53)
-    on ``reactor`` (the global reactor when None, looked up at first use)."""
+    on ``reactor``."""
 
-    def __init__(self, reactor: Any = None) -> None:
-        if reactor is not None:
-            for interface in (IReactorFDSet, IReactorTCP, IReactorTime):
-                if not interface.providedBy(reactor):
-                    raise TypeError(f"{reactor!r} does not provide {interface.__name__}")
-        self._reactor: Any = reactor
-
-    @property
-    def reactor(self) -> Any:
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
+    def __init__(self, reactor: Any) -> None:
+        for interface in (IReactorFDSet, IReactorTCP, IReactorTime):
+            if not interface.providedBy(reactor):
+                raise TypeError(f"{reactor!r} does not provide {interface.__name__}")
+        self.reactor: Any = reactor
 
     def name(self) -> str:
         return "twisted"

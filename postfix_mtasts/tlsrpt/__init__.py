@@ -61,10 +61,12 @@ def main(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO 
         print(f"{PROG}: reading a report from standard input (end with Ctrl-D)", file=err)
     collected = collect(read_inputs(paths, sys.stdin.buffer))
     _tell_problems(collected, err)
+    summary = summarize(collected.reports)
     if not collected.found:
         print(f"{PROG}: no TLS report could be read", file=err)
+        if args.json:  # a program reading the output gets the reasons too, not nothing
+            out.write(render_json(summary, collected))
         return EXIT_NOTHING
-    summary = summarize(collected.reports)
     if args.json:
         out.write(render_json(summary, collected))
     elif args.csv:
@@ -87,12 +89,16 @@ def _tell_problems(collected: Collected, err: TextIO) -> None:
     for ignored in collected.ignored:
         print(f"{PROG}: {ignored.source}: {ignored.reason}; skipped", file=err)
     for duplicate in collected.duplicates:
+        outcome = "; counted once"
+        if duplicate.conflict:
+            outcome = " with different content; the first copy is counted"
         print(
             f"{PROG}: {duplicate.source}: report {duplicate.report.report_id!r} of "
-            f"{duplicate.report.organization_name} was already read from {duplicate.first_source}; "
-            "counted once",
+            f"{duplicate.report.organization_name} was already read from {duplicate.first_source}{outcome}",
             file=err,
         )
+    for warning in collected.warnings:
+        print(f"{PROG}: {warning.source}: warning: {warning.text}", file=err)
 
 
 def run(argv: list[str] | None = None) -> int:

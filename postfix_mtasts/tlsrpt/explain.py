@@ -84,13 +84,56 @@ _EXPLANATIONS: dict[str, tuple[str, str]] = {
     ),
 }
 
-#: Explanation for policy entries that report sessions without any policy found.
+#: no-policy-found (RFC 8460 §4.3.1) with no failed session: TLS worked, but nothing required it.
 NO_POLICY_FOUND = Explanation(
     "no-policy-found",
-    "the sender found neither an MTA-STS policy nor DANE TLSA records for the domain; its figures are "
-    "plain opportunistic TLS.",
-    "nothing is broken; publish an MTA-STS policy (or DANE) to make senders require TLS.",
+    "the sender found no policy for the domain that it could use (neither an MTA-STS policy nor DANE "
+    "TLSA records); its sessions used opportunistic TLS, which worked, but nothing made the sender "
+    "insist on it.",
+    "publish an MTA-STS policy (or DANE) so that senders require TLS and report failures against it.",
 )
+
+#: no-policy-found with failed sessions: TLS failed where no policy told the sender to insist on it.
+NO_POLICY_FOUND_FAILED = Explanation(
+    "no-policy-found",
+    "the receiving domain publishes no policy the sender could use (neither an MTA-STS policy nor DANE "
+    "TLSA records), and TLS still failed in these sessions: without a policy senders do not insist on "
+    "TLS, so most of them then delivered those messages unencrypted, open to reading and tampering on "
+    "the way.",
+    "find out why TLS failed (the failure details name the result type; without them test STARTTLS on "
+    "each MX: openssl s_client -starttls smtp -connect MX:25), fix it, then publish an MTA-STS policy "
+    "(or DANE) so that senders require TLS.",
+)
+
+
+def explain_no_policy(failed_sessions: int) -> Explanation:
+    """What no-policy-found means for the domain's admin, given its failed sessions."""
+    return NO_POLICY_FOUND_FAILED if failed_sessions else NO_POLICY_FOUND
+
+
+def verdict(successful: int, failed: int, no_policy_successful: int, no_policy_failed: int) -> str:
+    """One truthful sentence on the whole: what failed, and under which kind of policy."""
+    sessions = successful + failed
+    if not sessions:
+        return "No sessions were reported."
+    no_policy = no_policy_successful + no_policy_failed
+    if not failed:
+        if not no_policy:
+            return "No failed sessions: every reported sender negotiated TLS as your policy asks."
+        if no_policy == sessions:
+            return (f"No failed sessions, but no MTA-STS or DANE policy applied to any of the {sessions:,}: "
+                    "senders used TLS without being required to (no-policy-found).")
+        return (f"No failed sessions, but {no_policy:,} of the {sessions:,} were under no MTA-STS or DANE "
+                "policy: senders used TLS there without being required to (no-policy-found).")
+    parts = []
+    if failed - no_policy_failed:
+        parts.append(f"{failed - no_policy_failed:,} where your MTA-STS or DANE policy applied (an enforced "
+                     "policy makes the sender refuse such a connection and retry; in testing mode it "
+                     "delivers anyway)")
+    if no_policy_failed:
+        parts.append(f"{no_policy_failed:,} to a domain that publishes no policy the sender could use "
+                     "(no-policy-found): most senders then deliver without TLS")
+    return f"{failed:,} failed sessions: " + "; ".join(parts) + "."
 
 
 def explain(result_type: str) -> Explanation:

@@ -16,9 +16,9 @@ from datetime import date, datetime, timedelta
 from html import escape
 from typing import Any
 
-from postfix_mtasts.tlsrpt.explain import NO_POLICY_FOUND
+from postfix_mtasts.tlsrpt.explain import explain_no_policy, verdict
 from postfix_mtasts.tlsrpt.sources import Collected
-from postfix_mtasts.tlsrpt.summary import DayTotals, Summary
+from postfix_mtasts.tlsrpt.summary import DayTotals, FailureGroup, Summary
 
 #: Width the terminal tables and explanations fit in.
 TERMINAL_WIDTH = 100
@@ -48,12 +48,17 @@ CSV_COLUMNS = (
     "receiving-mx-helo",
     "receiving-ip",
     "failure-reason-code",
+    "additional-information",
     "sessions",
 )
 #: The CSV ``result`` of a policy's successful sessions.
 CSV_SUCCESS = "successful"
 #: The CSV ``result`` of failed sessions a policy counts but no failure-details entry explains.
 CSV_UNDETAILED = "failure-without-details"
+#: How outputs name a policy-domain the report left out.
+MISSING_DOMAIN = "(missing)"
+#: The fields of a failure-details entry shown below its row in the terminal's failure table.
+TEXT_DETAIL_FIELDS = ("receiving-mx-helo", "receiving-ip", "failure-reason-code", "additional-information")
 
 
 def _when(moment: datetime) -> str:
@@ -62,6 +67,23 @@ def _when(moment: datetime) -> str:
 
 def _rate(failed: int, total: int) -> str:
     return f"{100 * failed / total:.2f} %" if total else "-"
+
+
+def _verdict(summary: Summary) -> str:
+    return verdict(summary.successful, summary.failed, summary.no_policy_successful, summary.no_policy_failed)
+
+
+def _fields(failure: FailureGroup) -> dict[str, str | None]:
+    """A failure group's failure-details fields by their RFC 8460 names."""
+    return {
+        "result-type": failure.result_type,
+        "sending-mta-ip": failure.sending_mta_ip,
+        "receiving-mx-hostname": failure.receiving_mx_hostname,
+        "receiving-mx-helo": failure.receiving_mx_helo,
+        "receiving-ip": failure.receiving_ip,
+        "failure-reason-code": failure.failure_reason_code,
+        "additional-information": failure.additional_information,
+    }
 
 
 # --- terminal ------------------------------------------------------------------
@@ -102,6 +124,7 @@ def render_text(summary: Summary, collected: Collected, width: int = TERMINAL_WI
         f"{len(collected.duplicates)} duplicate, {len(collected.ignored)} other messages skipped",
         f"Sessions: {total:,} in all, {summary.successful:,} successful, {summary.failed:,} failed "
         f"({_rate(summary.failed, total)} failed)",
+        *_wrapped("", _verdict(summary), width, indent=""),
         "",
         "Reporters (times in UTC)",
     ]
@@ -114,17 +137,25 @@ def render_text(summary: Summary, collected: Collected, width: int = TERMINAL_WI
     out += ["", "Policies"]
     out += table(
         ["Type", "Domain", "Mode", "Successful", "Failed", "Failed %"],
-        [[p.policy_type, p.domain, p.mode or "-", f"{p.successful:,}", f"{p.failed:,}",
+        [[p.policy_type, p.domain or MISSING_DOMAIN, p.mode or "-", f"{p.successful:,}", f"{p.failed:,}",
           _rate(p.failed, p.successful + p.failed)] for p in summary.policies],
         numeric=(3, 4, 5), width=width, keep=(0, 2),
     )
     if summary.failures:
-        out += ["", "Failures"]
-        out += table(
+        out += ["", "Failures (the failure-details fields a row has beyond these columns follow it)"]
+        lines = table(
             ["Result type", "Sending MTA IP", "Receiving MX", "Sessions"],
-            [[f.result_type, f.sending_mta_ip, f.receiving_mx, f"{f.sessions:,}"] for f in summary.failures],
+            [[f.result_type, f.sending_mta_ip or "-", f.receiving_mx,
+              f"{f.sessions:,}"] for f in summary.failures],
             numeric=(3,), width=width, keep=(0, 1),
         )
+        out += lines[:2]
+        for line, failure in zip(lines[2:], summary.failures, strict=True):
+            out.append(line)
+            fields = _fields(failure)
+            for name in TEXT_DETAIL_FIELDS:
+                if fields[name]:
+                    out += _wrapped(f"{name}: ", str(fields[name]), width, indent="    ")
     if summary.failed_without_details:
         out += ["", f"{summary.failed_without_details:,} failed sessions came without failure details."]
     if summary.result_types:
@@ -133,17 +164,23 @@ def render_text(summary: Summary, collected: Collected, width: int = TERMINAL_WI
             out += ["", f"{totals.result_type}: {totals.sessions:,} failed sessions"]
             out += _wrapped("What happened: ", totals.explanation.meaning, width)
             out += _wrapped("Usual fix: ", totals.explanation.fix, width)
-    elif summary.failed == 0 and total:
-        out += ["", "No failed sessions: every reported sender negotiated TLS as your policy asks."]
     if any(p.policy_type == "no-policy-found" for p in summary.policies):
-        out += ["", "no-policy-found"]
-        out += _wrapped("What it means: ", NO_POLICY_FOUND.meaning, width)
-        out += _wrapped("What to do: ", NO_POLICY_FOUND.fix, width)
+        explanation = explain_no_policy(summary.no_policy_failed)
+        out += ["", f"no-policy-found: {summary.no_policy_successful:,} successful, "
+                    f"{summary.no_policy_failed:,} failed sessions"]
+        out += _wrapped("What it means: ", explanation.meaning, width)
+        out += _wrapped("What to do: ", explanation.fix, width)
+    if collected.warnings:
+        out += ["", "Warnings (these reports were counted, but are not quite right)"]
+        for warning in collected.warnings:
+            out += _wrapped(f"{warning.source}: ", warning.text, width)
     return "\n".join(out) + "\n"
 
 
-def _wrapped(label: str, text: str, width: int) -> list[str]:
-    return textwrap.wrap(label + text, width=width, initial_indent="  ", subsequent_indent="    ")
+def _wrapped(label: str, text: str, width: int, indent: str = "  ") -> list[str]:
+    """``label`` and ``text`` wrapped to ``width``; a word longer than a line (a URL) is not cut."""
+    return textwrap.wrap(label + text, width=width, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 # --- JSON and CSV ----------------------------------------------------------------
@@ -151,11 +188,13 @@ def _wrapped(label: str, text: str, width: int) -> list[str]:
 
 def summary_data(summary: Summary, collected: Collected) -> dict[str, Any]:
     """The summary as plain JSON-ready data (the ``--json`` output)."""
+    no_policy = explain_no_policy(summary.no_policy_failed)
     return {
         "reports": summary.reports,
         "successful-sessions": summary.successful,
         "failed-sessions": summary.failed,
         "failed-sessions-without-details": summary.failed_without_details,
+        "verdict": _verdict(summary),
         "reporters": [
             {
                 "organization-name": r.organization,
@@ -179,13 +218,7 @@ def summary_data(summary: Summary, collected: Collected) -> dict[str, Any]:
             for p in summary.policies
         ],
         "failures": [
-            {
-                "result-type": f.result_type,
-                "sending-mta-ip": f.sending_mta_ip,
-                "receiving-mx": f.receiving_mx,
-                "failed-sessions": f.sessions,
-                "failure-reason-codes": sorted(f.reason_codes),
-            }
+            {**_fields(f), "receiving-mx": f.receiving_mx, "failed-sessions": f.sessions}
             for f in summary.failures
         ],
         "result-types": [
@@ -197,12 +230,26 @@ def summary_data(summary: Summary, collected: Collected) -> dict[str, Any]:
             }
             for t in summary.result_types
         ],
+        "no-policy-found": {
+            "successful-sessions": summary.no_policy_successful,
+            "failed-sessions": summary.no_policy_failed,
+            "meaning": no_policy.meaning,
+            "fix": no_policy.fix,
+        } if any(p.policy_type == "no-policy-found" for p in summary.policies) else None,
         "days": [
             {"day": d.day.isoformat(), "successful-sessions": d.successful, "failed-sessions": d.failed}
             for d in summary.days
         ],
+        "warnings": [
+            {"source": w.source, "organization-name": w.report.organization_name,
+             "report-id": w.report.report_id, "warning": w.text}
+            for w in collected.warnings
+        ],
         "broken": [{"source": b.source, "reason": b.reason} for b in collected.broken],
-        "duplicates": [{"source": d.source, "first-source": d.first_source} for d in collected.duplicates],
+        "duplicates": [
+            {"source": d.source, "first-source": d.first_source, "conflict": d.conflict}
+            for d in collected.duplicates
+        ],
         "skipped": [{"source": i.source, "reason": i.reason} for i in collected.ignored],
     }
 
@@ -220,16 +267,17 @@ def render_csv(collected: Collected) -> str:
         report = found.report
         head = [report.organization_name, report.report_id, report.start.isoformat(), report.end.isoformat()]
         for policy in report.policies:
-            what = [policy.policy_type.value, policy.policy_domain, policy.mode or ""]
-            writer.writerow([*head, *what, CSV_SUCCESS, "", "", "", "", "", policy.successful_sessions])
+            what = [policy.policy_type.value, policy.policy_domain or "", policy.mode or ""]
+            writer.writerow([*head, *what, CSV_SUCCESS, "", "", "", "", "", "", policy.successful_sessions])
             detailed = 0
             for d in policy.failure_details:
                 detailed += d.failed_session_count
                 writer.writerow([*head, *what, d.result_type, d.sending_mta_ip or "",
                                  d.receiving_mx_hostname or "", d.receiving_mx_helo or "",
-                                 d.receiving_ip or "", d.failure_reason_code or "", d.failed_session_count])
+                                 d.receiving_ip or "", d.failure_reason_code or "",
+                                 d.additional_information or "", d.failed_session_count])
             if policy.failed_sessions > detailed:
-                writer.writerow([*head, *what, CSV_UNDETAILED, "", "", "", "", "",
+                writer.writerow([*head, *what, CSV_UNDETAILED, "", "", "", "", "", "",
                                  policy.failed_sessions - detailed])
     return buffer.getvalue()
 
@@ -248,6 +296,8 @@ table { border-collapse: collapse; width: 100%; margin: .5rem 0; }
 th, td { border-bottom: 1px solid #d8dee4; padding: .3rem .5rem; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; } td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 td.type { font-family: ui-monospace, monospace; white-space: nowrap; }
+.scroll { overflow-x: auto; } #failures td { font-size: .85em; }
+#failures td:nth-child(7), #failures td:nth-child(8) { overflow-wrap: anywhere; min-width: 7em; }
 dt { font-family: ui-monospace, monospace; font-weight: bold; margin-top: 1rem; }
 dd { margin-left: 1.2rem; } .broken { color: #cf222e; }
 svg text { font: 11px system-ui, sans-serif; fill: #57606a; }
@@ -270,6 +320,7 @@ def render_html(summary: Summary, collected: Collected) -> str:
         f"<style>{_CSS}</style></head><body>",
         "<h1>SMTP TLS reports (RFC 8460)</h1>",
         f"<p>{escape(span)}</p>",
+        f'<p id="verdict"><b>{escape(_verdict(summary))}</b></p>',
         '<div class="figures">',
         _figure("reports", summary.reports, "report-count"),
         _figure("sessions", total, "session-count"),
@@ -289,7 +340,7 @@ def render_html(summary: Summary, collected: Collected) -> str:
         "<h2>Policies</h2>",
         _html_table(
             ["Type", "Domain", "Mode", "Successful", "Failed", "Failed %"],
-            [[p.policy_type, p.domain, p.mode or "-", p.successful, p.failed,
+            [[p.policy_type, p.domain or MISSING_DOMAIN, p.mode or "-", p.successful, p.failed,
               _rate(p.failed, p.successful + p.failed)] for p in summary.policies],
             "policies",
             code_first=True,
@@ -298,12 +349,14 @@ def render_html(summary: Summary, collected: Collected) -> str:
     if summary.failures:
         parts += [
             "<h2>Failures</h2>",
-            _html_table(
-                ["Result type", "Sending MTA IP", "Receiving MX", "Sessions"],
-                [[f.result_type, f.sending_mta_ip, f.receiving_mx, f.sessions] for f in summary.failures],
+            '<div class="scroll">' + _html_table(
+                ["Result type", "Sessions", "Sending MTA IP", "Receiving MX hostname", "Receiving MX HELO",
+                 "Receiving IP", "Failure reason code", "Additional information"],
+                [[f.result_type, f.sessions, *(value or "-" for value in list(_fields(f).values())[1:])]
+                 for f in summary.failures],
                 "failures",
                 code_first=True,
-            ),
+            ) + "</div>",
         ]
     if summary.failed_without_details:
         parts.append(
@@ -318,6 +371,20 @@ def render_html(summary: Summary, collected: Collected) -> str:
                 f"<dd><b>Usual fix:</b> {escape(t.explanation.fix)}</dd>",
             ]
         parts.append("</dl>")
+    if any(p.policy_type == "no-policy-found" for p in summary.policies):
+        explanation = explain_no_policy(summary.no_policy_failed)
+        parts += [
+            '<h2>No policy found</h2><dl id="no-policy-found">',
+            f"<dt>no-policy-found ({summary.no_policy_successful:,} successful, "
+            f"{summary.no_policy_failed:,} failed sessions)</dt>",
+            f"<dd><b>What it means:</b> {escape(explanation.meaning)}</dd>",
+            f"<dd><b>What to do:</b> {escape(explanation.fix)}</dd>",
+            "</dl>",
+        ]
+    if collected.warnings:
+        parts += ["<h2>Warnings: reports counted, but not quite right</h2>", '<ul id="warnings">']
+        parts += [f"<li>{escape(w.source)}: {escape(w.text)}</li>" for w in collected.warnings]
+        parts.append("</ul>")
     if collected.broken:
         parts += ["<h2>Reports that could not be read</h2>", '<ul class="broken">']
         parts += [f"<li>{escape(b.source)}: {escape(b.reason)}</li>" for b in collected.broken]

@@ -3,16 +3,20 @@
 Clients connect to the proxy's port instead of the server's. ``cut()`` drops
 every connection and refuses new ones (the server "goes away");
 ``cut(hang=True)`` keeps accepting but forwards nothing (the server "hangs",
-so only timeouts notice); ``restore()`` forwards again on the same port.
+so only timeouts notice); ``slow_down(seconds)`` forwards everything but
+holds each of the server's replies that long (the server "answers late", so a
+client that waits for it is late too); ``restore()`` forwards again, at once,
+on the same port.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, cast
 
 from twisted.internet import protocol
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IListeningPort, ITransport
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITransport
 
 LOOPBACK = "127.0.0.1"
 
@@ -33,10 +37,10 @@ class _Outbound(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if not self.inbound.proxy.hanging:
-            _transport(self.inbound).write(data)
+            self.inbound.reply(data)
 
     def connectionLost(self, reason: Any = None) -> None:
-        _transport(self.inbound).loseConnection()
+        self.inbound.server_closed()
 
 
 class _OutboundFactory(protocol.ClientFactory):
@@ -57,6 +61,10 @@ class _Inbound(protocol.Protocol):
         self.proxy = proxy
         self.outbound: _Outbound | None = None
         self.buffer: list[bytes] = []
+        #: The server's replies held back by ``proxy.delay``: (when due, bytes), in order.
+        self.late: deque[tuple[float, bytes]] = deque()
+        self._late_call: IDelayedCall | None = None
+        self._close_when_sent = False
 
     def connectionMade(self) -> None:
         self.proxy.connections.add(self)
@@ -79,8 +87,42 @@ class _Inbound(protocol.Protocol):
         else:
             _transport(self.outbound).write(data)
 
+    def reply(self, data: bytes) -> None:
+        """Pass the server's bytes on to the client, ``proxy.delay`` seconds late."""
+        if self.proxy.delay <= 0 and not self.late:
+            _transport(self).write(data)
+            return
+        self.late.append((self.proxy.reactor.seconds() + self.proxy.delay, data))
+        self._schedule_late()
+
+    def server_closed(self) -> None:
+        """The server hung up: so does the proxy, once the replies held back are sent."""
+        if self.late:
+            self._close_when_sent = True
+        else:
+            _transport(self).loseConnection()
+
+    def _schedule_late(self) -> None:
+        if self._late_call is None and self.late:
+            wait = max(0.0, self.late[0][0] - self.proxy.reactor.seconds())
+            self._late_call = self.proxy.reactor.callLater(wait, self._send_late)
+
+    def _send_late(self) -> None:
+        self._late_call = None
+        now = self.proxy.reactor.seconds()
+        while self.late and self.late[0][0] <= now:
+            _transport(self).write(self.late.popleft()[1])
+        if self.late:
+            self._schedule_late()
+        elif self._close_when_sent:
+            _transport(self).loseConnection()
+
     def connectionLost(self, reason: Any = None) -> None:
         self.proxy.connections.discard(self)
+        self.late.clear()
+        if self._late_call is not None and self._late_call.active():
+            self._late_call.cancel()
+        self._late_call = None
         if self.outbound is not None:
             _transport(self.outbound).loseConnection()
 
@@ -108,6 +150,8 @@ class TcpProxy:
         self.target_port = target_port
         self.connections: set[_Inbound] = set()
         self.hanging = False
+        #: Seconds each reply of the server is held before the client gets it.
+        self.delay = 0.0
         self.port = 0
         self._listening: IListeningPort | None = None
         self._factory = _InboundFactory(self)
@@ -130,8 +174,17 @@ class TcpProxy:
             if stopped is not None:
                 await stopped
 
+    def slow_down(self, delay: float) -> None:
+        """Stage a slow server: from now on every reply reaches its client
+        ``delay`` seconds after the server sent it (in order; requests go
+        through at once). Connections stay up; ``restore()`` ends it."""
+        if delay < 0:
+            raise ValueError(f"a delay cannot be negative, got {delay}")
+        self.delay = delay
+
     async def restore(self) -> None:
-        """End the outage: forward new connections again, on the same port."""
+        """End the outage: forward new connections again, on the same port, without delay."""
+        self.delay = 0.0
         if self.hanging:
             self.hanging = False
             for conn in list(self.connections):

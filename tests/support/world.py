@@ -17,7 +17,11 @@ write it to a file for ``postfix-mtasts serve``.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,6 +48,8 @@ FIRST_LOOKUP_DEADLINE = 5.0
 CLIENT_TIMEOUT = 20.0
 
 PolicyTable = Mapping[str, object]
+#: Backends shared by a fleet, under which each daemon keeps a local copy.
+SHARED_BACKENDS = ("redis", "postgresql")
 
 
 class World:
@@ -55,6 +61,10 @@ class World:
     def __init__(self, dns: DnsServer, https: HostileHttpsServer) -> None:
         self.dns = dns
         self.https = https
+        #: Where daemons of this world keep their files (a shared backend's
+        #: local copy); removed by stop().
+        self.directory = tempfile.mkdtemp(prefix="mtasts-world-")
+        self._local_copies = itertools.count(1)
 
     @classmethod
     async def start(cls, reactor: Any) -> World:
@@ -66,6 +76,7 @@ class World:
     async def stop(self) -> None:
         await self.https.stop()
         await self.dns.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     @property
     def ca_file(self) -> str:
@@ -125,6 +136,10 @@ class World:
         }
         policy_keys: dict[str, object] = {"first_lookup_deadline": FIRST_LOOKUP_DEADLINE, **(policy or {})}
         cache_keys: dict[str, object] = {"backend": cache_backend}
+        if not cache_path and cache_backend in SHARED_BACKENDS:
+            # Each daemon of a fleet has a local copy of its own (a second
+            # daemon on one file refuses to start), never the machine's default.
+            cache_path = os.path.join(self.directory, f"local-{next(self._local_copies)}.sqlite3")
         if cache_path:
             cache_keys["path"] = cache_path
         sections = [

@@ -145,12 +145,13 @@ def restrict_to_domain(report: Report, domain: str | None) -> Report | None:
 
 
 def policy_rows(report: Report) -> Iterable[tuple[int, str, str, int, int]]:
-    """(position, policy type, policy domain, successful, failed) per policy."""
+    """(position, policy type, policy domain, successful, failed) per policy;
+    a policy without a domain (old reporters' no-policy-found) has ``""``."""
     for position, policy in enumerate(report.policies):
         yield (
             position,
             policy.policy_type.value,
-            policy.policy_domain,
+            policy.policy_domain or "",
             policy.successful_sessions,
             policy.failed_sessions,
         )
