@@ -1,6 +1,7 @@
 """The SQLite report store's file: where it lives by default, the
-application_id that marks it ours, every file that is not ours refused with
-one line and left exactly as found, a newer schema refused, and two
+application_id that marks it ours, a new one linked into place whole, every
+file that is not ours (an empty one too) refused with one line and left
+exactly as found, a newer schema refused, and two
 processes storing the same reports at once keeping each exactly once."""
 
 from __future__ import annotations
@@ -43,12 +44,9 @@ def test_a_new_store_is_created_with_its_directory_and_marked_ours(tmp_path: Pat
     reopened.close()
 
 
-def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
-    path = tmp_path / "reports.sqlite3"
-    path.touch()
-    store = SqliteReportStore(str(path))
-    store.close()
-    assert header_application_id(path) == APPLICATION_ID
+def test_creation_leaves_nothing_but_the_store(tmp_path: Path) -> None:
+    SqliteReportStore(str(tmp_path / "reports.sqlite3")).close()
+    assert sorted(os.listdir(tmp_path)) == ["reports.sqlite3"]
 
 
 def _policy_cache_like(path: Path) -> None:
@@ -60,11 +58,13 @@ def _policy_cache_like(path: Path) -> None:
     conn.close()
 
 
-@pytest.mark.parametrize("kind", ["text", "other-sqlite", "other-application-id", "directory"])
+@pytest.mark.parametrize("kind", ["text", "empty", "other-sqlite", "other-application-id", "directory"])
 def test_a_file_that_is_not_ours_is_refused_and_left_as_found(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "reports.sqlite3"
     if kind == "text":
         path.write_text("my notes\n" * 100)
+    elif kind == "empty":
+        path.touch()
     elif kind == "other-sqlite":
         _policy_cache_like(path)
     elif kind == "other-application-id":

@@ -1,9 +1,11 @@
 """The default report store: one SQLite file, by default beside the policy cache.
 
 The file is marked as this project's report store (``PRAGMA application_id``
-= :data:`~postfix_mtasts.tlsrpt.store.APPLICATION_ID`) and only such a file, a
-missing one or an empty one is ever opened: anything else at the path stops
-the store with one line naming it, and the file is left exactly as found.
+= :data:`~postfix_mtasts.tlsrpt.store.APPLICATION_ID`) and only such a file is
+ever opened: anything else at the path (an empty file too) stops the store
+with one line naming it, and the file is left exactly as found. A missing
+store is built under a temporary name and linked into place, so the path
+never names a half-made file.
 Several processes may write at once (the daemon and Postfix's pipe deliveries):
 WAL mode, a busy timeout, and each report added in one ``BEGIN IMMEDIATE``
 transaction committed with ``synchronous = FULL`` before ``add`` returns.
@@ -11,9 +13,11 @@ transaction committed with ``synchronous = FULL`` before ``add`` returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +53,10 @@ FILE_MODE = 0o640
 SQLITE_MAGIC = b"SQLite format 3\x00"
 APPLICATION_ID_OFFSET = 68
 SQLITE_HEADER_SIZE = 100
+#: A new store is built under a temporary name ending so, then linked into place.
+NEW_SUFFIX = ".new"
+#: Files SQLite may keep beside a database.
+SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
 Migration = Callable[[sqlite3.Connection], None]
 
@@ -104,8 +112,8 @@ def default_path(environ: Mapping[str, str] | None = None, euid: int | None = No
 
 def check_ours(path: str) -> bool:
     """Whether ``path`` may be used: True for a report store of ours, False when
-    it is missing or empty (a new store); raises :class:`ReportStoreError` for
-    anything else, having only read its first bytes."""
+    it is missing (a new store is made); raises :class:`ReportStoreError` for
+    anything else, an empty file included, having only read its first bytes."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -114,8 +122,6 @@ def check_ours(path: str) -> bool:
         raise ReportStoreError(f"report store {path}: cannot read: {e.strerror or e}") from None
     if not stat.S_ISREG(info.st_mode):
         raise ReportStoreError(f"report store {path} is not a regular file; refusing to touch it")
-    if info.st_size == 0:
-        return False
     try:
         with open(path, "rb") as f:
             header = f.read(SQLITE_HEADER_SIZE)
@@ -175,17 +181,35 @@ class SqliteReportStore:
         return conn
 
     def _create_file(self) -> None:
+        """Build a new store under a temporary name, marked and with its schema,
+        then link it into place: the path never names a half-made file, and a
+        store another process linked there first is used as it is."""
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
             if not os.path.isdir(directory):
                 os.makedirs(directory, mode=DIRECTORY_MODE)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        except FileExistsError:
-            check_ours(self.path)  # another process was quicker: is it still ours?
-            return
+            fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=NEW_SUFFIX,
+                                             dir=directory)
+            os.close(fd)
         except OSError as e:
             raise ReportStoreError(f"report store {self.path}: cannot create: {e.strerror or e}") from None
-        os.close(fd)
+        try:
+            os.chmod(temporary, FILE_MODE)
+            conn = sqlite3.connect(temporary, isolation_level=None)
+            try:
+                self._migrate(conn)
+            finally:
+                conn.close()
+            os.link(temporary, self.path)
+        except FileExistsError:
+            check_ours(self.path)  # another process was quicker: is it ours?
+        except (OSError, sqlite3.Error) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+            raise ReportStoreError(f"report store {self.path}: cannot create: {reason}") from None
+        finally:
+            for leftover in (temporary, *(temporary + suffix for suffix in SIDE_SUFFIXES)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Bring the schema up to date. The first step also writes the
