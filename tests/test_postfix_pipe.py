@@ -100,6 +100,13 @@ class Mta:
                            f"status={status} for {queue_id}")
         return [line for line in self.log().splitlines() if match(line)][after]
 
+    def stored_sources(self) -> list[str]:
+        conn = sqlite3.connect(f"file:{self.store_path}?immutable=1", uri=True)
+        try:
+            return [row[0] for row in conn.execute("SELECT source FROM reports ORDER BY id")]
+        finally:
+            conn.close()
+
     def queued(self) -> list[str]:
         result = subprocess.run(["postqueue", "-c", str(self.config_directory), "-j"],
                                 capture_output=True, text=True, check=True)
@@ -210,6 +217,8 @@ def test_a_mailed_report_ends_in_the_store(mta: Mta) -> None:
     line = mta.status(queue_id, "sent")
     assert "delivered via tlsrpt service" in line
     assert mta.stored_report_ids() == ["pipe-1"]
+    attachment = "example.net!example.org!1!2!pipe-1.json.gz"
+    assert mta.stored_sources() == [f"message <pipe-1@example.net> attachment {attachment}"]
     # The same report mailed again is accepted and stored once.
     again = mta.send(report_message("pipe-1").replace(b"Message-ID: <pipe-1@", b"Message-ID: <pipe-1-again@"))
     mta.status(again, "sent")
@@ -221,13 +230,13 @@ def test_a_message_without_a_readable_report_is_accepted_and_logged(mta: Mta) ->
                b"Message-ID: <no-report@example.net>\n\nNo report in here.\n")
     queue_id = mta.send(message)
     line = mta.status(queue_id, "sent")
-    assert "no TLS report attached (subject: hello)" in line
+    assert "(postfix-mtasts report ingest: message <no-report@example.net>: no TLS report attached" in line
     broken = report_message("pipe-broken").replace(b"Content-Transfer-Encoding: base64\n\n",
                                                    b"Content-Transfer-Encoding: base64\n\nAAAA")
     queue_id = mta.send(broken)
     line = mta.status(queue_id, "sent")
     # pipe(8) keeps the first 100 characters of the command's output.
-    assert "(postfix-mtasts report ingest: standard input attachment example.net!" in line, line
+    assert "(postfix-mtasts report ingest: message <pipe-broken@example.net> attachment exam" in line, line
     assert mta.queued() == []
     assert not mta.store_path.exists() or mta.stored_report_ids() == []
 

@@ -12,16 +12,29 @@ Plain synchronous Python: no reactor.
 from __future__ import annotations
 
 import argparse
+import email.policy
 import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import TextIO
+from email.parser import BytesHeaderParser
+from typing import BinaryIO, TextIO
 
 from postfix_mtasts.tlsrpt.ingest import ingest
 from postfix_mtasts.tlsrpt.render import render_csv, render_html, render_json, render_text
-from postfix_mtasts.tlsrpt.sources import Collected, Found, read_inputs
+from postfix_mtasts.tlsrpt.sources import (
+    MAX_INPUT_BYTES,
+    Broken,
+    Collected,
+    Found,
+    Item,
+    content_kind,
+    read_bytes,
+    read_inputs,
+    read_limited,
+)
 from postfix_mtasts.tlsrpt.store import IReportStore, ReportStoreError, open_store
 from postfix_mtasts.tlsrpt.summary import summarize
 
@@ -32,6 +45,8 @@ EXIT_ERROR = 2
 #: Exit status of ``ingest`` when the store or the configuration cannot be used:
 #: sysexits' EX_TEMPFAIL, on which Postfix's pipe(8) defers the message.
 EX_TEMPFAIL = 75
+#: Bytes of a piped message searched for its Message-ID header.
+MAX_HEADER_BYTES = 64 * 1024
 #: Largest ``--since`` accepted, in days (about a century).
 MAX_SINCE_DAYS = 36_500
 
@@ -107,12 +122,34 @@ def _ingest(store: IReportStore, paths: list[str], out: TextIO) -> int:
     if "-" in paths and sys.stdin.isatty():
         log.warning("reading a report from standard input (end with Ctrl-D)")
     try:
-        tally = ingest(store, read_inputs(paths, sys.stdin.buffer))
+        tally = ingest(store, _inputs(paths, sys.stdin.buffer))
     except ReportStoreError as e:
         log.error("%s; stopped, nothing more stored: run again later", e)
         return EX_TEMPFAIL
     print(tally.line(), file=out)
     return EXIT_OK
+
+
+def _inputs(paths: list[str], stdin: BinaryIO) -> Iterator[Item]:
+    """What ``report`` reads, but a message on standard input (pipe(8)) is
+    named by its Message-ID, so the store says which mail brought a report."""
+    for path in paths:
+        if path != "-":
+            yield from read_inputs([path], stdin)
+            continue
+        data = read_limited(stdin, MAX_INPUT_BYTES)
+        if data is None:
+            yield Broken("standard input", f"larger than {MAX_INPUT_BYTES} bytes")
+        else:
+            yield from read_bytes(_stdin_name(data), data)
+
+
+def _stdin_name(data: bytes) -> str:
+    if content_kind(data) != "message":
+        return "standard input"
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(data[:MAX_HEADER_BYTES])
+    message_id = " ".join(str(headers.get("Message-ID", "")).split())
+    return f"message {message_id}" if message_id else "standard input"
 
 
 def _show(store: IReportStore, args: argparse.Namespace, out: TextIO) -> int:
