@@ -216,10 +216,12 @@ def test_standard_input_is_read(config: Path, monkeypatch: pytest.MonkeyPatch) -
     )
     code, out, err = run("ingest", "--config", str(config), "-", stdin=message, monkeypatch=monkeypatch)
     assert (code, out) == (0, "1 new, 0 already stored, 0 unreadable\n"), err
-    code, out, err = run("ingest", "--config", str(config), "-", stdin=b"Subject: hello\n\nno report\n",
+    code, out, err = run("ingest", "--config", str(config), "-",
+                         stdin=b"Subject: hello\nMessage-ID: <hi@example.net>\n\nno report\n",
                          monkeypatch=monkeypatch)
     assert (code, out) == (0, "0 new, 0 already stored, 1 unreadable\n")
-    assert "no TLS report attached" in err and len(err.splitlines()) == 1
+    assert err == "postfix-mtasts report ingest: message <hi@example.net>: no TLS report attached" \
+        " (subject: hello); skipped\n"
 
 
 def test_bad_input_never_stops_the_rest(config: Path, tmp_path: Path) -> None:

@@ -99,6 +99,7 @@ def run(action: str, argv: list[str], stdout: TextIO | None = None, stderr: Text
     except ConfigError as e:
         print(f"postfix-mtasts report {action}: {e}", file=err)
         return failure
+    level = logging.getLogger().level
     handlers = _log_handlers(action, err, config.log.syslog)
     try:
         try:
@@ -116,6 +117,7 @@ def run(action: str, argv: list[str], stdout: TextIO | None = None, stderr: Text
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        logging.getLogger().setLevel(level)
 
 
 def _ingest(store: IReportStore, paths: list[str], out: TextIO) -> int:
