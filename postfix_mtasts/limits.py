@@ -62,6 +62,8 @@ ADDRESS_LOOKUP_THREADS = 8
 # --- TLS reports ------------------------------------------------------------
 #: Seconds between two looks at the watched Maildir and IMAP folder.
 REPORTS_POLL_INTERVAL = 60.0
+#: Bound on one look at the IMAP folder (connect, log in, fetch and store all).
+REPORTS_IMAP_TIMEOUT = 300.0
 #: Seconds between two looks at the report store for alerts and metrics.
 REPORTS_WATCH_INTERVAL = 300.0
 #: Seconds sendmail may take to accept an alert mail before it is killed.

@@ -630,9 +630,10 @@ def test_example_file_uncommented_gives_the_defaults() -> None:
             Config().control,
             Config().http,
             Config().service,
+            Config().reports,
         )
         for f in dataclasses.fields(section)
-        if f.name not in {"redis", "postgresql", "key"}
+        if f.name not in {"redis", "postgresql", "imap", "key"}
     }
     # The keys of what the daemon watches in the stored reports.
     expected |= {"alert_ratio", "alert_window", "alert_min_sessions", "alert_mail_to", "sendmail_path",
@@ -835,3 +836,15 @@ def test_reports_imap_keys() -> None:
     assert "reports.imap.ca_file" in error_of(base + 'ca_file = "/nonexistent/ca.pem"\n')
     assert "reports.imap.folder" in error_of(base + 'folder = ""\n')
     assert "reports.imap.password_file" in error_of('[reports.imap]\nhost = "h"\nuser = "u"\n')
+
+
+def test_example_file_shows_every_imap_key() -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [reports.imap]"):]
+    shown = set(re.findall(r"^# ([a-z_]+) = ", block, flags=re.MULTILINE))
+    assert shown == {f.name for f in dataclasses.fields(ImapConfig)}
+    uncommented = "[reports.imap]\n" + "\n".join(
+        line[2:].split("  #")[0] for line in block.splitlines()[1:] if re.match(r"^# [a-z_]+ = ", line)
+    )
+    imap = parse_config(uncommented.replace('ca_file = ""', ""), "example").reports.imap
+    assert imap is not None and imap.host == "imap.example.com" and imap.port == 993

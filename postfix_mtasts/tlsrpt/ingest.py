@@ -1,9 +1,8 @@
 """Putting found reports into the store, and counting what happened.
 
-Shared by ``postfix-mtasts report ingest`` (synchronous, any
-:class:`~postfix_mtasts.tlsrpt.store.IReportStore`) and the daemon's mailbox
-watchers (``async``, a
-:class:`~postfix_mtasts.tlsrpt.store.threaded.ThreadedReportStore`). Whatever
+Shared by ``postfix-mtasts report ingest`` and the daemon's mailbox
+watchers (which run it on the store's own thread, through
+:meth:`~postfix_mtasts.tlsrpt.store.threaded.ThreadedReportStore.run`). Whatever
 cannot be read is logged as one WARNING line and counted; it never stops the
 rest. Only a store that cannot be written stops ingestion, by raising
 :class:`~postfix_mtasts.tlsrpt.store.ReportStoreError`.
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from postfix_mtasts.tlsrpt.model import ReportError
 from postfix_mtasts.tlsrpt.sources import Found, Item
 from postfix_mtasts.tlsrpt.store import Added, AddResult, IReportStore
-from postfix_mtasts.tlsrpt.store.threaded import ThreadedReportStore
 
 log = logging.getLogger("postfix_mtasts.tlsrpt.ingest")
 
@@ -65,22 +63,6 @@ def ingest(store: IReportStore, items: Iterable[Item]) -> Tally:
         if isinstance(item, Found):
             try:
                 added = store.add(item.raw, item.source)
-            except ReportError as e:
-                tally.count_unreadable(item.source, str(e))
-                continue
-            tally.count_added(added)
-        else:
-            tally.count_unreadable(item.source, item.reason)
-    return tally
-
-
-async def ingest_async(store: ThreadedReportStore, items: Iterable[Item]) -> Tally:
-    """:func:`ingest` for the daemon: each add runs on the store's thread."""
-    tally = Tally()
-    for item in items:
-        if isinstance(item, Found):
-            try:
-                added = await store.add(item.raw, item.source)
             except ReportError as e:
                 tally.count_unreadable(item.source, str(e))
                 continue

@@ -55,6 +55,11 @@ class ThreadedReportStore:
     async def count(self) -> int:
         return await self._call(self._opened().count)
 
+    async def run(self, job: Callable[[IReportStore], _T]) -> _T:
+        """Run ``job(store)`` on the store's thread: several calls (and the
+        file reading or parsing around them) as one unit of blocking work."""
+        return await self._call(job, self._opened())
+
     async def close(self) -> None:
         """Close the store on its thread, then stop the thread."""
         store, self._store = self._store, None
