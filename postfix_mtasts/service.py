@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from postfix_mtasts import __version__
 from postfix_mtasts.cache import IPolicyStore, Source
-from postfix_mtasts.config import Config, ConfigError, ListenAddress, load_config
+from postfix_mtasts.config import Config, ConfigError, ListenAddress, ReportsConfig, load_config
 from postfix_mtasts.errors import ReloadRefused, StartupError, one_line
 from postfix_mtasts.limits import FETCH_BUCKETS
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
@@ -587,12 +587,13 @@ class Service:
         self._control_port: IListeningPort | None = None
         self._metrics_port: IListeningPort | None = None
         self._metrics_registry: Any = None
-        self.report_store: Any = None
+        self._http_root: Any = None
+        #: Alerts, metrics and /reports on the stored TLS reports (reportwatch), if a store is open.
         self.report_watch: Any = None
         self._heartbeat: Any = None
         self._reloading: Deferred[Any] | None = None
-        #: The Maildir and IMAP folder read into the report store (tlsrpt.intake), if configured.
-        self.report_intake: Any = None
+        #: The report store and the mailboxes read into it (tlsrpt.intake), if configured.
+        self.reports: Any = None
 
     @property
     def config(self) -> Config:
@@ -613,11 +614,10 @@ class Service:
             except StartupError as e:
                 # Postfix's lookups matter more than the admin's socket: serve without it.
                 log.warning("%s; postfix-mtasts ctl will not reach this daemon", e)
-            await self._start_reports(config)
             await self._listen_metrics(config)
             if user is not None:
                 self._drop_privileges(user)
-            self._start_report_intake(config)  # as the service user, who reads and moves the mail
+            await self._start_reports(config)  # as the service user: it owns what it creates
         except StartupError:
             await self._stop_extras()
             await self.daemon.stop(quiet=True)
@@ -635,58 +635,42 @@ class Service:
         await self._stop_extras()
         await self.daemon.stop()
 
+    async def _start_reports(self, config: Config) -> None:
+        """The report store, the mailboxes read into it (tlsrpt.intake) and its watch (alerts,
+        metrics, /reports). A store that configured mailboxes need stops start-up when it cannot
+        be opened; one that is only watched is one WARNING line: Postfix's lookups matter more."""
+        from postfix_mtasts.reportwatch import ReportWatch
+        from postfix_mtasts.tlsrpt import intake
+        from postfix_mtasts.tlsrpt.imap import ImapError
+        from postfix_mtasts.tlsrpt.store import ReportStoreError
+
+        needed = intake.wanted(config.reports)
+        if not needed and not _wants_reports(config):
+            return
+        reports = intake.ReportIntake(self.reactor, config.reports)
+        try:
+            await reports.start()
+        except (ReportStoreError, ImapError) as e:
+            if needed:
+                raise StartupError(str(e)) from e
+            log.warning("%s; TLS reports are not watched", e)
+            return
+        self.reports = reports
+        self.report_watch = ReportWatch(self.reactor, reports.store, config.reports)
+        self.report_watch.start()
+        self._serve_reports(config)
+
     async def _stop_extras(self) -> None:
-        intake, self.report_intake = self.report_intake, None
-        if intake is not None:
-            await intake.stop()
+        watch, self.report_watch = self.report_watch, None
+        if watch is not None:
+            await watch.stop()
+        if self.reports is not None:
+            reports, self.reports = self.reports, None
+            await reports.stop()
         for port in (self._control_port, self._metrics_port):
             if port is not None:
                 await _stop_listening(port)
         self._control_port = self._metrics_port = None
-        watch, self.report_watch = self.report_watch, None
-        if watch is not None:
-            await watch.stop()
-        store, self.report_store = self.report_store, None
-        if store is not None:
-            await store.close()
-
-    # --- the TLS report store and its watch ---------------------------------------
-
-    async def _start_reports(self, config: Config) -> None:
-        """Open the report store and watch it (alerts, metrics, /reports). A store that cannot
-        be opened is one WARNING line: Postfix's lookups matter more."""
-        from postfix_mtasts.reportwatch import ReportWatch
-        from postfix_mtasts.tlsrpt.store import ReportStoreError, open_store
-        from postfix_mtasts.tlsrpt.store.threaded import ThreadedReportStore
-
-        if not _wants_reports(config):
-            return
-        store = ThreadedReportStore(self.reactor, lambda: open_store(config.reports))
-        try:
-            await store.open()
-        except ReportStoreError as e:
-            log.warning("%s; TLS reports are not watched", e)
-            return
-        self.report_store = store
-        self.report_watch = ReportWatch(self.reactor, store, config.reports)
-        self.report_watch.start()
-        log.info("watching the TLS report store %s", store.location)
-
-    def _start_report_intake(self, config: Config) -> None:
-        """Read reports from the configured Maildir and IMAP folder into the
-        open report store. Like the store, one WARNING line when it cannot."""
-        from postfix_mtasts.tlsrpt.imap import ImapError
-        from postfix_mtasts.tlsrpt.intake import ReportIntake, wanted
-
-        if self.report_store is None or not wanted(config.reports):
-            return  # (a store that cannot be opened was logged already)
-        intake = ReportIntake(self.reactor, self.report_store, config.reports)
-        try:
-            intake.start()
-        except ImapError as e:
-            log.warning("%s; TLS reports are not read from mailboxes", e)
-            return
-        self.report_intake = intake
 
     # --- control and metrics listeners ------------------------------------------
 
@@ -719,18 +703,22 @@ class Service:
             ) from e
         if self._metrics_registry is None:
             self._metrics_registry = metrics.build_registry(self)
-        reports = None
-        if self.report_watch is not None:
-            from postfix_mtasts.reportweb import reports_resource
-
-            reports = reports_resource(self.reactor, self.report_watch, config)
+        self._http_root = metrics.HttpRoot(self._metrics_registry)
+        self._serve_reports(config)
         try:
             endpoint = server_endpoint(self.reactor, address, self.daemon.listen_environment)
-            port = await metrics.listen(endpoint, metrics.HttpRoot(self._metrics_registry, reports))
+            port = await metrics.listen(endpoint, self._http_root)
         except Exception as e:
             raise StartupError(f"cannot listen on {address} (metrics): {one_line(e)}") from e
         self._metrics_port = port
-        log.info("serving Prometheus metrics%s on %s", " and TLS reports" if reports else "", address)
+        log.info("serving Prometheus metrics and TLS reports on %s", address)
+
+    def _serve_reports(self, config: Config) -> None:
+        """Put /reports on the HTTP listener once both it and the report watch exist."""
+        if self._http_root is not None and self.report_watch is not None:
+            from postfix_mtasts.reportweb import reports_resource
+
+            self._http_root.reports = reports_resource(self.reactor, self.report_watch, config)
 
     # --- privileges -------------------------------------------------------------
 
@@ -768,12 +756,6 @@ class Service:
                 paths.append(directory)
             paths.append(database)
             paths.extend(database + suffix for suffix in SQLITE_SIDE_FILES)
-        reports = self.report_store.location if self.report_store is not None else ""
-        if reports.startswith("/"):
-            if os.path.basename(os.path.dirname(reports)) == OWN_DIRECTORY_NAME:
-                paths.append(os.path.dirname(reports))
-            paths.append(reports)
-            paths.extend(reports + suffix for suffix in SQLITE_SIDE_FILES)
         if self.control_path:
             directory = os.path.dirname(self.control_path)
             if os.path.basename(directory).startswith(OWN_DIRECTORY_NAME):
@@ -818,6 +800,8 @@ class Service:
             raise ReloadRefused(str(e)) from e
         if new.service != old.service:
             log.warning("service.user changed: it takes effect at the next restart")
+        if _report_store_keys(new) != _report_store_keys(old):
+            log.warning("[reports] changed: it takes effect at the next restart")
         notes = await self.daemon.apply(new)
         if new.control != old.control:
             old_port, old_path = self._control_port, self.control_path
@@ -841,8 +825,6 @@ class Service:
                 notes.append(f"metrics off ({e})")
             else:
                 notes.append(f"metrics on {new.http.listen}" if new.http.listen else "metrics off")
-        if new.reports != old.reports and self.report_watch is None and _wants_reports(new):
-            log.warning("the TLS report store is opened at the next restart")
         if new.reports != old.reports and self.report_watch is not None:
             from postfix_mtasts.reportwatch import alert_settings
 
@@ -850,15 +832,6 @@ class Service:
             self.report_watch.settings = alert_settings(new.reports)
             await self.report_watch.check()  # new thresholds judge the figures now
             notes.append("report alerts updated")
-            if (new.reports.path, new.reports.dsn, new.reports.schema) != (
-                old.reports.path, old.reports.dsn, old.reports.schema
-            ):
-                log.warning("reports.path, dsn or schema changed: it takes effect at the next restart")
-            if (new.reports.maildir, new.reports.imap, new.reports.poll_interval) != (
-                old.reports.maildir, old.reports.imap, old.reports.poll_interval
-            ):
-                log.warning("reports.maildir, imap or poll_interval changed: "
-                            "it takes effect at the next restart")
         if new.log != old.log:
             logsetup.configure(level, syslog=new.log.syslog)
             notes.append(f"log level {logging.getLevelName(level).lower()}")
@@ -909,6 +882,17 @@ class Service:
             feed=interval is not None,
         )
         self._heartbeat.start()
+
+
+#: The [reports] keys the report watch reads; a reload applies them at once.
+REPORT_ALERT_KEYS = ("alert_ratio", "alert_window", "alert_min_sessions", "alert_mail_to", "sendmail_path",
+                     "reporter_silence_days")
+
+
+def _report_store_keys(config: Config) -> ReportsConfig:
+    """``config.reports`` without its alert keys: what only a restart applies."""
+    defaults = ReportsConfig()
+    return replace(config.reports, **{key: getattr(defaults, key) for key in REPORT_ALERT_KEYS})
 
 
 def _wants_reports(config: Config) -> bool:

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
 
-from postfix_mtasts import limits
+from postfix_mtasts import __version__, limits
 from postfix_mtasts.check.findings import Finding
 from postfix_mtasts.config import ReportsConfig
 from postfix_mtasts.reportwatch import ReportWatch
@@ -138,6 +138,7 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     daemon.spawn()
     try:
         await daemon.wait_ready()
+        await until_logged(daemon, f"postfix-mtasts {__version__} ready")  # /reports is served from then on
         yield Running(world, daemon, f"http://{LOOPBACK}:{http_port}", ingest_config)
     finally:
         await daemon.close()
@@ -292,7 +293,7 @@ async def test_the_store_is_opened_only_when_used_or_already_made(tmp_path: Path
     finally:
         await daemon.close()
     lines = daemon.stderr_lines
-    assert any(f"watching the TLS report store {tmp_path}/reports.sqlite3" in line for line in lines), lines
+    assert any(f"report store {tmp_path}/reports.sqlite3 open" in line for line in lines), lines
     assert any("WARNING" in line and "TLS reports for policy.example" in line for line in lines), lines
 
 # --- the check page's bounds, with a fake audit ----------------------------------------------

@@ -16,10 +16,8 @@ from twisted.internet.task import deferLater
 from postfix_mtasts.config import ImapConfig, ReportsConfig
 from postfix_mtasts.tlsrpt.imap import ImapError
 from postfix_mtasts.tlsrpt.intake import ReportIntake, wanted
-from postfix_mtasts.tlsrpt.store import open_store
-from postfix_mtasts.tlsrpt.store.memory import MemoryReportStore
+from postfix_mtasts.tlsrpt.store import ReportStoreError
 from postfix_mtasts.tlsrpt.store.sqlite import SqliteReportStore
-from postfix_mtasts.tlsrpt.store.threaded import ThreadedReportStore
 from tests.support.daemon import DaemonProcess, ensure_deferred, free_port
 from tests.test_tlsrpt_imap import PLAIN_MAIL, report_mail
 
@@ -52,11 +50,9 @@ async def test_a_look_stores_and_a_failed_look_is_one_line(
 ) -> None:
     config = ReportsConfig(path=str(tmp_path / "reports.sqlite3"), maildir=str(tmp_path / "Maildir"),
                            poll_interval=3600)
-    store = ThreadedReportStore(reactor(), lambda: open_store(config))
-    await store.open()
-    intake = ReportIntake(reactor(), store, config)
+    intake = ReportIntake(reactor(), config)
     with caplog.at_level(logging.INFO):
-        intake.start()  # the first look runs at once, and fails: no Maildir yet
+        await intake.start()  # the first look runs at once, and fails: no Maildir yet
         try:
             waited = 0.0
             while intake.looks < 1:
@@ -73,16 +69,18 @@ async def test_a_look_stores_and_a_failed_look_is_one_line(
             assert [r.report_id for r in await intake.store.reports()] == ["intake-1"]
         finally:
             await intake.stop()
-            await store.close()
     assert sorted(os.listdir(root / "cur")) == ["1.host:2,S", "2.host:2,S"]
 
 
-def test_start_refuses_a_missing_password_file(tmp_path: Path) -> None:
+@ensure_deferred
+async def test_start_refuses_a_foreign_store_and_a_missing_password_file(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.db"
+    foreign.write_bytes(b"not sqlite at all, but somebody's file\n" * 10)
+    with pytest.raises(ReportStoreError, match="not an SQLite database of postfix-mtasts"):
+        await ReportIntake(reactor(), ReportsConfig(path=str(foreign), maildir=str(tmp_path))).start()
     imap = ImapConfig(host="127.0.0.1", user="u", password_file=str(tmp_path / "missing"))
-    store = ThreadedReportStore(reactor(), MemoryReportStore)
-    with pytest.raises(ImapError, match="password_file") as caught:
-        ReportIntake(reactor(), store, ReportsConfig(imap=imap)).start()
-    assert str(tmp_path / "missing") in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(ImapError, match="password_file"):
+        await ReportIntake(reactor(), ReportsConfig(path=str(tmp_path / "r.sqlite3"), imap=imap)).start()
 
 
 @ensure_deferred

@@ -1,12 +1,12 @@
-"""The daemon's report intake: the mailboxes read into the report store.
+"""The daemon's report intake: the report store, and the mailboxes read into it.
 
-Every ``[reports] poll_interval`` seconds :class:`ReportIntake` looks at the
-Maildir (``[reports] maildir``) and the IMAP folder (``[reports.imap]``) and
-stores the reports of new mail in the daemon's open report store, each look
+:class:`ReportIntake` opens the report store (on a thread of its own) and,
+every ``[reports] poll_interval`` seconds, looks at the Maildir
+(``[reports] maildir``) and the IMAP folder (``[reports.imap]``), each look
 ending before the next begins. A look that fails (server down, store not
 writable) is logged as one line and tried again at the next interval; the
-mail it could not store stays where it was. The store is the service's (it
-opens and closes it; the report watch reads from it too).
+mail it could not store stays where it was. ``store`` is there for whatever
+else in the daemon reads the reports.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from postfix_mtasts.config import ReportsConfig
 from postfix_mtasts.tlsrpt.imap import ImapError, ingest_imap, read_password
 from postfix_mtasts.tlsrpt.ingest import Tally
 from postfix_mtasts.tlsrpt.maildir import MaildirError, ingest_maildir
-from postfix_mtasts.tlsrpt.store import IReportStore, ReportStoreError
+from postfix_mtasts.tlsrpt.store import IReportStore, ReportStoreError, open_store
 from postfix_mtasts.tlsrpt.store.threaded import ThreadedReportStore
 
 log = logging.getLogger("postfix_mtasts.tlsrpt.intake")
@@ -34,24 +34,25 @@ def wanted(config: ReportsConfig) -> bool:
 
 
 class ReportIntake:
-    """Looks from :meth:`start` to :meth:`stop` into ``store``, already open."""
+    """Open with :meth:`start`, close with :meth:`stop`; ``store`` in between."""
 
-    def __init__(self, reactor: Any, store: ThreadedReportStore, config: ReportsConfig) -> None:
+    def __init__(self, reactor: Any, config: ReportsConfig) -> None:
         self.reactor = reactor
         self.config = config
-        self.store = store
+        self.store = ThreadedReportStore(reactor, lambda: _open(config))
         self._loop: LoopingCall | None = None
         self._looking: Deferred[None] | None = None
         #: What the looks stored, all added up (for logs and tests).
         self.tally = Tally()
         self.looks = 0
 
-    def start(self) -> None:
-        """Begin looking, the first look at once; raises ImapError (one line)
-        for a password file that cannot be read."""
+    async def start(self) -> None:
+        """Open the store and begin looking; raises ReportStoreError (one line)
+        or ImapError for a password file that cannot be read."""
         if self.config.imap is not None:
             read_password(self.config.imap.password_file)
-        log.info("reading TLS reports from %s into %s", self._watching(), self.store.location)
+        await self.store.open()
+        log.info("report store %s open%s", self.store.location, self._watching())
         if wanted(self.config):
             loop = LoopingCall(self._look_now)
             loop.clock = self.reactor
@@ -59,12 +60,13 @@ class ReportIntake:
             loop.start(self.config.poll_interval, now=True)
 
     async def stop(self) -> None:
-        """Stop looking and let a look under way finish (the store stays open)."""
+        """Stop looking, let a look under way finish, close the store."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
         if self._looking is not None:
             await self._looking
+        await self.store.close()
 
     def _look_now(self) -> Deferred[None]:
         looking = Deferred.fromCoroutine(self.look())
@@ -107,4 +109,8 @@ class ReportIntake:
         places = [f"Maildir {self.config.maildir}"] if self.config.maildir else []
         if self.config.imap is not None:
             places.append(f"IMAP {self.config.imap.host} folder {self.config.imap.folder}")
-        return " and ".join(places) or "no mailbox"
+        return f"; reading reports from {' and '.join(places)}" if places else ""
+
+
+def _open(config: ReportsConfig) -> IReportStore:
+    return open_store(config)
