@@ -1,11 +1,13 @@
 """The IMAP watcher (Twisted's IMAP4 client) against Debian's real Dovecot.
 
-Dovecot runs privately (tests/support/dovecot.py). Over IMAPS verified with a
-run-time CA: the reports of new mail are stored, each message then moved to
-the done folder; mail with no report is logged and moved too; a second look
-finds nothing. Without a done folder, over plain IMAP: messages are left in
-place marked read. A store that cannot be written leaves the message unread
-for the next look; a wrong password or server is one ImapError line.
+Dovecot runs privately (tests/support/dovecot.py). ``serve`` with
+``[reports.imap]`` stores what is delivered while it runs. One look at a
+time, over IMAPS verified with a run-time CA: the reports of new mail are
+stored, each message then moved to the done folder; mail with no report is
+logged and moved too; a second look finds nothing. Without a done folder,
+over plain IMAP: messages are left in place marked read. A store that cannot
+be written leaves the message unread for the next look; a wrong password, an
+unknown CA or an unreachable server is one ImapError line.
 """
 
 from __future__ import annotations
@@ -21,21 +23,25 @@ from typing import Any
 
 import pytest
 import trustme
+from twisted.internet.task import deferLater
 
 from postfix_mtasts.config import ImapConfig
 from postfix_mtasts.tlsrpt.imap import ImapError, ingest_imap
 from postfix_mtasts.tlsrpt.store import IReportStore, ReportStoreError
 from postfix_mtasts.tlsrpt.store.memory import MemoryReportStore
+from postfix_mtasts.tlsrpt.store.sqlite import SqliteReportStore
 from postfix_mtasts.tlsrpt.store.threaded import ThreadedReportStore
 from tests.conftest import require
 from tests.support import dovecot as dovecot_support
-from tests.support.daemon import async_yield_fixture, ensure_deferred
+from tests.support.daemon import DaemonProcess, async_yield_fixture, ensure_deferred, free_port
 from tests.support.dovecot import Dovecot
 from tests.test_tlsrpt_store import raw
 
 pytestmark = pytest.mark.integration
 
 DONE = "Reports/done"
+#: Bound on waiting for the daemon to take a delivered message.
+DAEMON_WAIT = 60.0
 
 
 def reactor() -> Any:
@@ -201,3 +207,34 @@ def test_memory_store_is_an_ireportstore() -> None:
     from zope.interface.verify import verifyObject
 
     assert verifyObject(IReportStore, MemoryReportStore())
+
+
+@ensure_deferred
+async def test_the_daemon_reads_its_imap_folder(fresh: Dovecot, tmp_path: Path) -> None:
+    """``postfix-mtasts serve`` with ``[reports.imap]``: mail delivered while it
+    runs is stored and moved to the done folder, over verified IMAPS."""
+    store_path = tmp_path / "reports.sqlite3"
+    imap = settings(fresh, tmp_path)
+    config = (
+        f'[listen]\nsocketmap = ["inet:127.0.0.1:{free_port()}"]\n'
+        '[cache]\nbackend = "memory"\n'
+        f'[reports]\npath = "{store_path}"\npoll_interval = 1\n'
+        f'[reports.imap]\nhost = "{imap.host}"\nport = {imap.port}\nca_file = "{imap.ca_file}"\n'
+        f'user = "{imap.user}"\npassword_file = "{imap.password_file}"\ndone_folder = "{DONE}"\n'
+    )
+    daemon = await DaemonProcess.start(reactor(), tmp_path, config)
+    try:
+        fresh.deliver("1.eml", report_mail("daemon-imap-1"))
+        waited = 0.0
+        while sum(len(names) for names in fresh.folder_files(DONE).values()) < 1:
+            assert waited < DAEMON_WAIT, daemon.stderr_text() + fresh.output()
+            await deferLater(reactor(), 0.1, lambda: None)
+            waited += 0.1
+    finally:
+        await daemon.stop()
+    assert "Traceback" not in daemon.stderr_text(), daemon.stderr_text()
+    store = SqliteReportStore(str(store_path))
+    try:
+        assert [r.report_id for r in store.reports()] == ["daemon-imap-1"]
+    finally:
+        store.close()
