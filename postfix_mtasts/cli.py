@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"] and argv[1:2] and argv[1] in tlsrpt.ACTIONS:
+        from postfix_mtasts.tlsrpt import keep  # the report store: its own options
+
+        return keep.run(argv[1], argv[2:])
     args = build_parser().parse_args(argv)
     if args.command == "report":  # plain synchronous Python: no config, no reactor
         return tlsrpt.main(args)

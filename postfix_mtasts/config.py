@@ -60,6 +60,17 @@ DEFAULT_POSTGRESQL_DSN: Final = "postgresql://localhost/postfix_mtasts"
 DEFAULT_POSTGRESQL_SCHEMA: Final = "mtasts"
 DEFAULT_CONTROL_MODE: Final = 0o660
 
+#: Defaults and bounds of the ``[reports]`` alert keys.
+DEFAULT_ALERT_RATIO: Final = 0.05
+DEFAULT_ALERT_WINDOW: Final = 3 * 86_400.0
+#: Reports cover a day each; a window shorter than an hour would hold none.
+ALERT_WINDOW_MIN: Final = 3_600.0
+DEFAULT_ALERT_MIN_SESSIONS: Final = 10
+ALERT_MIN_SESSIONS_MAX: Final = 1_000_000_000
+DEFAULT_REPORTER_SILENCE_DAYS: Final = 7
+SILENCE_DAYS_MAX: Final = 3_650
+DEFAULT_SENDMAIL_PATH: Final = "/usr/sbin/sendmail"
+
 _REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 _POSTGRESQL_SCHEMES: Final = ("postgresql://", "postgres://")
 _SQL_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -68,6 +79,10 @@ _HOSTNAME_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 _DECIMAL: Final = re.compile(r"[0-9]{1,5}")
 #: A system user name as useradd(8) accepts it.
+#: One plain mail address (no display name, no list): what sendmail takes as a recipient.
+_MAIL_ADDRESS: Final = re.compile(
+    r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~][A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{0,63}@[A-Za-z0-9][A-Za-z0-9.-]{0,252}"
+)
 _USER_NAME: Final = re.compile(r"[a-z_][a-z0-9_.-]{0,30}\$?")
 
 _T = TypeVar("_T")
@@ -247,9 +262,60 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    #: Where to serve Prometheus metrics; None: no metrics listener.
+class HttpConfig:
+    """The HTTP listener: Prometheus metrics at /metrics, the TLS report dashboard at /reports."""
+
+    #: Where to listen; None: no HTTP listener.
     listen: ListenAddress | None = None
+    #: The key it was set with, for messages: "http.listen" or its older name "metrics.listen".
+    key: str = "http.listen"
+
+
+@dataclass(frozen=True, slots=True)
+class ImapConfig:
+    """An IMAP folder the daemon reads TLS reports from (``[reports.imap]``)."""
+
+    host: str
+    user: str
+    #: File holding the password (its first line); kept out of the config file.
+    password_file: str
+    #: 993 with TLS, 143 without, unless set.
+    port: int = 993
+    #: TLS from the first byte (IMAPS); false: plain IMAP, for a loopback server only.
+    tls: bool = True
+    #: PEM bundle to verify the server; empty: the system trust store.
+    ca_file: str = ""
+    folder: str = "INBOX"
+    #: Where read messages are moved; empty: they stay in ``folder``, marked read.
+    done_folder: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportsConfig:
+    """The TLS report store (``[reports]``), the mailboxes the daemon reads into it, and what it
+    watches in the stored reports."""
+
+    #: SQLite file; empty: reports.sqlite3 beside the policy cache.
+    path: str = ""
+    #: PostgreSQL connection string; set: reports are kept there instead of ``path``.
+    dsn: str = ""
+    schema: str = DEFAULT_POSTGRESQL_SCHEMA
+    #: A Maildir whose new mail the daemon ingests; empty: none.
+    maildir: str = ""
+    imap: ImapConfig | None = None
+    #: Seconds between two looks at the Maildir and the IMAP folder.
+    poll_interval: float = limits.REPORTS_POLL_INTERVAL
+    #: A policy domain alerts when this share of its sessions failed over ``alert_window``.
+    alert_ratio: float = DEFAULT_ALERT_RATIO
+    #: Seconds of reports (by the end of their date range) the ratio is taken over.
+    alert_window: float = DEFAULT_ALERT_WINDOW
+    #: Fewer sessions than this in the window neither raise nor clear an alert.
+    alert_min_sessions: int = DEFAULT_ALERT_MIN_SESSIONS
+    #: Mail alerts to this address through sendmail; empty: log and metrics only.
+    alert_mail_to: str = ""
+    sendmail_path: str = DEFAULT_SENDMAIL_PATH
+    #: Warn about a reporter with no report for more than this many days; 0: never.
+    reporter_silence_days: int = DEFAULT_REPORTER_SILENCE_DAYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +346,9 @@ class Config:
     dane: DaneConfig = field(default_factory=DaneConfig)
     log: LogConfig = field(default_factory=LogConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    reports: ReportsConfig = field(default_factory=ReportsConfig)
     #: Where this configuration came from, for messages ("<defaults>" if no file).
     source: str = "<defaults>"
 
@@ -646,8 +713,10 @@ class _Reader:
             "dane",
             "log",
             "control",
+            "http",
             "metrics",
             "service",
+            "reports",
         )
         self.table(data, "", known)
         config = Config(
@@ -659,8 +728,9 @@ class _Reader:
             dane=self.dane(self.subtable(data, "dane", "")),
             log=self.log(self.subtable(data, "log", "")),
             control=self.control(self.subtable(data, "control", "")),
-            metrics=self.metrics(self.subtable(data, "metrics", "")),
+            http=self.http(self.subtable(data, "http", ""), self.subtable(data, "metrics", "")),
             service=self.service(self.subtable(data, "service", "")),
+            reports=self.reports(self.subtable(data, "reports", "")),
             source=self.source,
         )
         self.check_distinct_addresses(config)
@@ -909,16 +979,58 @@ class _Reader:
             )
         return ControlConfig(socket=socket_path, mode=int(mode, 8))
 
-    def metrics(self, data: Mapping[str, object]) -> MetricsConfig:
-        prefix = "metrics"
-        self.table(data, prefix, ("listen",))
-        text = self.string(data, "listen", prefix, "")
+    def http(self, data: Mapping[str, object], old: Mapping[str, object]) -> HttpConfig:
+        """``[http] listen``, or ``[metrics] listen``, its name from before the dashboard."""
+        self.table(data, "http", ("listen",))
+        self.table(old, "metrics", ("listen",))
+        if "listen" in data and "listen" in old:
+            raise self.fail("metrics.listen", "is the older name of http.listen; set only http.listen")
+        prefix = "metrics" if "listen" in old else "http"
+        text = self.string(old if prefix == "metrics" else data, "listen", prefix, "")
+        key = f"{prefix}.listen"
         if not text:
-            return MetricsConfig()
+            return HttpConfig(key=key)
         try:
-            return MetricsConfig(listen=parse_listen_address(text))
+            return HttpConfig(listen=parse_listen_address(text), key=key)
         except ConfigError as error:
-            raise self.fail(f"{prefix}.listen", str(error)) from None
+            raise self.fail(key, str(error)) from None
+
+    def report_alerts(self, data: Mapping[str, object]) -> dict[str, object]:
+        """The alert keys of ``[reports]``, as ReportsConfig arguments."""
+        prefix = "reports"
+        ratio = data.get("alert_ratio", DEFAULT_ALERT_RATIO)
+        if (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio)
+                or not 0 < ratio <= 1):
+            raise self.fail(
+                f"{prefix}.alert_ratio",
+                f"must be a share of sessions above 0 and at most 1 (0.05 is 5 %), got {_show(ratio)}",
+            )
+        mail_to = self.string(data, "alert_mail_to", prefix, "")
+        if mail_to and not _MAIL_ADDRESS.fullmatch(mail_to):
+            raise self.fail(
+                f"{prefix}.alert_mail_to",
+                f'must be one mail address like "postmaster@example.com", got {_show(mail_to)}',
+            )
+        sendmail = self.string(data, "sendmail_path", prefix, DEFAULT_SENDMAIL_PATH)
+        if not sendmail.startswith("/"):
+            raise self.fail(f"{prefix}.sendmail_path", f"must be an absolute path, got {_show(sendmail)}")
+        if mail_to and not (os.path.isfile(sendmail) and os.access(sendmail, os.X_OK)):
+            raise self.fail(
+                f"{prefix}.sendmail_path",
+                f"{json.dumps(sendmail)} is not an executable file (needed to mail alerts to {mail_to})",
+            )
+        return dict(
+            alert_ratio=float(ratio),
+            alert_window=self.seconds(data, "alert_window", prefix, DEFAULT_ALERT_WINDOW, ALERT_WINDOW_MIN),
+            alert_min_sessions=self.integer(
+                data, "alert_min_sessions", prefix, DEFAULT_ALERT_MIN_SESSIONS, 1, ALERT_MIN_SESSIONS_MAX
+            ),
+            alert_mail_to=mail_to,
+            sendmail_path=sendmail,
+            reporter_silence_days=self.integer(
+                data, "reporter_silence_days", prefix, DEFAULT_REPORTER_SILENCE_DAYS, 0, SILENCE_DAYS_MAX
+            ),
+        )
 
     def service(self, data: Mapping[str, object]) -> ServiceConfig:
         prefix = "service"
@@ -930,6 +1042,65 @@ class _Reader:
                 f"must be a user name like \"postfix-mtasts\" or empty, got {_show(user)}",
             )
         return ServiceConfig(user=user)
+
+    def reports(self, data: Mapping[str, object]) -> ReportsConfig:
+        prefix = "reports"
+        self.table(data, prefix, tuple(ReportsConfig.__dataclass_fields__))
+        dsn = self.string(data, "dsn", prefix, "")
+        if dsn and not dsn.startswith(_POSTGRESQL_SCHEMES):
+            raise self.fail(
+                f"{prefix}.dsn", f"must start with {', '.join(_POSTGRESQL_SCHEMES)}, got {_show(dsn)}"
+            )
+        schema = self.string(data, "schema", prefix, DEFAULT_POSTGRESQL_SCHEMA)
+        if not _SQL_IDENTIFIER.fullmatch(schema):
+            raise self.fail(
+                f"{prefix}.schema", f"must be a plain SQL name (letters, digits, _), got {_show(schema)}"
+            )
+        imap = None
+        if "imap" in data:
+            imap = self.imap(self.subtable(data, "imap", prefix))
+        return ReportsConfig(
+            path=self.path(data, "path", prefix),
+            dsn=dsn,
+            schema=schema,
+            maildir=self.path(data, "maildir", prefix),
+            imap=imap,
+            poll_interval=self.seconds(
+                data, "poll_interval", prefix, limits.REPORTS_POLL_INTERVAL, 1
+            ),
+            **self.report_alerts(data),  # type: ignore[arg-type]  # each value checked there
+        )
+
+    def imap(self, data: Mapping[str, object]) -> ImapConfig:
+        prefix = "reports.imap"
+        self.table(data, prefix, tuple(ImapConfig.__dataclass_fields__))
+        required = {}
+        for key in ("host", "user", "password_file"):
+            if key == "password_file":
+                value = self.path(data, key, prefix)
+            else:
+                value = self.string(data, key, prefix, "")
+            if not value.strip():
+                raise self.fail(f"{prefix}.{key}", "must be set when [reports.imap] is present")
+            required[key] = value
+        tls = self.boolean(data, "tls", prefix, True)
+        ca_file = self.path(data, "ca_file", prefix)
+        if ca_file and not os.path.isfile(ca_file):
+            problem = "is not a file" if os.path.exists(ca_file) else "does not exist"
+            raise self.fail(f"{prefix}.ca_file", f"{json.dumps(ca_file)} {problem}")
+        folder = self.string(data, "folder", prefix, "INBOX")
+        if not folder.strip():
+            raise self.fail(f"{prefix}.folder", 'must name a folder, e.g. "INBOX"')
+        return ImapConfig(
+            host=required["host"],
+            user=required["user"],
+            password_file=required["password_file"],
+            port=self.integer(data, "port", prefix, 993 if tls else 143, 1, 65535),
+            tls=tls,
+            ca_file=ca_file,
+            folder=folder,
+            done_folder=self.string(data, "done_folder", prefix, ""),
+        )
 
     def check_dane_resolver(self, config: Config) -> None:
         """DANE answers are only as good as the resolver that validates them:
@@ -949,8 +1120,8 @@ class _Reader:
             *((f"listen.socketmap[{i}]", a) for i, a in enumerate(config.listen.socketmap)),
             *((f"listen.tcp_table[{i}]", a) for i, a in enumerate(config.listen.tcp_table)),
         ]
-        if config.metrics.listen is not None:
-            named.append(("metrics.listen", config.metrics.listen))
+        if config.http.listen is not None:
+            named.append((config.http.key, config.http.listen))
         for key, address in named:
             identity = ListenAddress(
                 kind=address.kind,

@@ -63,3 +63,23 @@ STORE_OPEN_DEADLINE = 5.0
 ADDRESS_LOOKUP_THREADS = 8
 #: Upper bounds (seconds) of the policy fetch duration histogram's buckets.
 FETCH_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# --- TLS reports ------------------------------------------------------------
+#: Seconds between two looks at the watched Maildir and IMAP folder.
+REPORTS_POLL_INTERVAL = 60.0
+#: Bound on one look at the IMAP folder (connect, log in, fetch and store all).
+REPORTS_IMAP_TIMEOUT = 300.0
+#: Seconds between two looks at the report store for alerts and metrics.
+REPORTS_WATCH_INTERVAL = 300.0
+#: Seconds sendmail may take to accept an alert mail before it is killed.
+SENDMAIL_TIMEOUT = 60.0
+#: Bytes of sendmail's error output kept for the log line.
+SENDMAIL_ERROR_BYTES = 2_000
+#: Most (policy domain, reporter, result) series exported: reports come from
+#: anyone who can send mail, and must not make the metrics unbounded.
+REPORT_METRIC_SERIES = 10_000
+#: Longest label value (a domain or reporter name) exported as is.
+REPORT_LABEL_MAX = 253
+#: Audits the dashboard runs at once, and how long one result is shown again.
+REPORT_CHECKS_AT_ONCE = 2
+REPORT_CHECK_CACHE_SECONDS = 300.0

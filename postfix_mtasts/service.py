@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from postfix_mtasts import __version__
 from postfix_mtasts.cache import IPolicyStore, Source
-from postfix_mtasts.config import Config, ConfigError, ListenAddress, load_config
+from postfix_mtasts.config import Config, ConfigError, ListenAddress, ReportsConfig, load_config
 from postfix_mtasts.errors import ReloadRefused, StartupError, one_line
 from postfix_mtasts.limits import FETCH_BUCKETS
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
@@ -587,8 +587,13 @@ class Service:
         self._control_port: IListeningPort | None = None
         self._metrics_port: IListeningPort | None = None
         self._metrics_registry: Any = None
+        self._http_root: Any = None
+        #: Alerts, metrics and /reports on the stored TLS reports (reportwatch), if a store is open.
+        self.report_watch: Any = None
         self._heartbeat: Any = None
         self._reloading: Deferred[Any] | None = None
+        #: The report store and the mailboxes read into it (tlsrpt.intake), if configured.
+        self.reports: Any = None
 
     @property
     def config(self) -> Config:
@@ -612,6 +617,7 @@ class Service:
             await self._listen_metrics(config)
             if user is not None:
                 self._drop_privileges(user)
+            await self._start_reports(config)  # as the service user: it owns what it creates
         except StartupError:
             await self._stop_extras()
             await self.daemon.stop(quiet=True)
@@ -629,7 +635,38 @@ class Service:
         await self._stop_extras()
         await self.daemon.stop()
 
+    async def _start_reports(self, config: Config) -> None:
+        """The report store, the mailboxes read into it (tlsrpt.intake) and its watch (alerts,
+        metrics, /reports). A store that configured mailboxes need stops start-up when it cannot
+        be opened; one that is only watched is one WARNING line: Postfix's lookups matter more."""
+        from postfix_mtasts.reportwatch import ReportWatch
+        from postfix_mtasts.tlsrpt import intake
+        from postfix_mtasts.tlsrpt.imap import ImapError
+        from postfix_mtasts.tlsrpt.store import ReportStoreError
+
+        needed = intake.wanted(config.reports)
+        if not needed and not _wants_reports(config):
+            return
+        reports = intake.ReportIntake(self.reactor, config.reports)
+        try:
+            await reports.start()
+        except (ReportStoreError, ImapError) as e:
+            if needed:
+                raise StartupError(str(e)) from e
+            log.warning("%s; TLS reports are not watched", e)
+            return
+        self.reports = reports
+        self.report_watch = ReportWatch(self.reactor, reports.store, config.reports)
+        self.report_watch.start()
+        self._serve_reports(config)
+
     async def _stop_extras(self) -> None:
+        watch, self.report_watch = self.report_watch, None
+        if watch is not None:
+            await watch.stop()
+        if self.reports is not None:
+            reports, self.reports = self.reports, None
+            await reports.stop()
         for port in (self._control_port, self._metrics_port):
             if port is not None:
                 await _stop_listening(port)
@@ -654,25 +691,34 @@ class Service:
         log.info("control socket on %s (mode %04o)", path, config.control.mode)
 
     async def _listen_metrics(self, config: Config) -> None:
-        address = config.metrics.listen
+        address = config.http.listen
         if address is None:
             return
         try:
             from postfix_mtasts import metrics
         except ImportError as e:
             raise StartupError(
-                f"metrics.listen = \"{address}\" needs prometheus_client: "
+                f"{config.http.key} = \"{address}\" needs prometheus_client: "
                 f"pip install 'postfix-mtasts[metrics]' ({e})"
             ) from e
         if self._metrics_registry is None:
             self._metrics_registry = metrics.build_registry(self)
+        self._http_root = metrics.HttpRoot(self._metrics_registry)
+        self._serve_reports(config)
         try:
             endpoint = server_endpoint(self.reactor, address, self.daemon.listen_environment)
-            port = await metrics.listen(endpoint, self._metrics_registry)
+            port = await metrics.listen(endpoint, self._http_root)
         except Exception as e:
             raise StartupError(f"cannot listen on {address} (metrics): {one_line(e)}") from e
         self._metrics_port = port
-        log.info("serving Prometheus metrics on %s", address)
+        log.info("serving Prometheus metrics and TLS reports on %s", address)
+
+    def _serve_reports(self, config: Config) -> None:
+        """Put /reports on the HTTP listener once both it and the report watch exist."""
+        if self._http_root is not None and self.report_watch is not None:
+            from postfix_mtasts.reportweb import reports_resource
+
+            self._http_root.reports = reports_resource(self.reactor, self.report_watch, config)
 
     # --- privileges -------------------------------------------------------------
 
@@ -754,6 +800,8 @@ class Service:
             raise ReloadRefused(str(e)) from e
         if new.service != old.service:
             log.warning("service.user changed: it takes effect at the next restart")
+        if _report_store_keys(new) != _report_store_keys(old):
+            log.warning("[reports] changed: it takes effect at the next restart")
         notes = await self.daemon.apply(new)
         if new.control != old.control:
             old_port, old_path = self._control_port, self.control_path
@@ -766,7 +814,7 @@ class Service:
                 if old_port is not None:
                     await _stop_listening(old_port)
                 notes.append(f"control socket {self.control_path}")
-        if new.metrics != old.metrics:
+        if new.http != old.http:
             old_metrics = self._metrics_port
             if old_metrics is not None:
                 await _stop_listening(old_metrics)
@@ -776,7 +824,14 @@ class Service:
             except StartupError as e:
                 notes.append(f"metrics off ({e})")
             else:
-                notes.append(f"metrics on {new.metrics.listen}" if new.metrics.listen else "metrics off")
+                notes.append(f"metrics on {new.http.listen}" if new.http.listen else "metrics off")
+        if new.reports != old.reports and self.report_watch is not None:
+            from postfix_mtasts.reportwatch import alert_settings
+
+            self.report_watch.config = new.reports
+            self.report_watch.settings = alert_settings(new.reports)
+            await self.report_watch.check()  # new thresholds judge the figures now
+            notes.append("report alerts updated")
         if new.log != old.log:
             logsetup.configure(level, syslog=new.log.syslog)
             notes.append(f"log level {logging.getLevelName(level).lower()}")
@@ -827,6 +882,28 @@ class Service:
             feed=interval is not None,
         )
         self._heartbeat.start()
+
+
+#: The [reports] keys the report watch reads; a reload applies them at once.
+REPORT_ALERT_KEYS = ("alert_ratio", "alert_window", "alert_min_sessions", "alert_mail_to", "sendmail_path",
+                     "reporter_silence_days")
+
+
+def _report_store_keys(config: Config) -> ReportsConfig:
+    """``config.reports`` without its alert keys: what only a restart applies."""
+    defaults = ReportsConfig()
+    return replace(config.reports, **{key: getattr(defaults, key) for key in REPORT_ALERT_KEYS})
+
+
+def _wants_reports(config: Config) -> bool:
+    """Whether to open the report store: the configuration names it (a store, a mailbox, alert
+    mail), or ``report ingest`` already made the default one. Nothing else creates it."""
+    reports = config.reports
+    if reports.path or reports.dsn or reports.maildir or reports.imap or reports.alert_mail_to:
+        return True
+    from postfix_mtasts.tlsrpt.store.sqlite import default_path
+
+    return os.path.exists(default_path())
 
 
 def _service_user(name: str) -> pwd.struct_passwd | None:

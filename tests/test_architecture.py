@@ -71,6 +71,21 @@ def test_the_reactor_is_epoll_by_default_and_asyncio_when_asked() -> None:
     assert names == ["EPollReactor", "AsyncioSelectorReactor"]
 
 
+def test_the_report_figures_pages_and_alert_decisions_are_pure() -> None:
+    """What the daemon's report watch computes and renders is plain Python: no reactor, no I/O.
+    (The ``tlsrpt`` package reads mail, and the standard ``email`` package imports ``socket``.)"""
+    modules = [f"postfix_mtasts.tlsrpt.{name}" for name in ("series", "dashboard", "alerts")]
+    forbidden = tuple(name for name in FORBIDDEN if name != "socket")
+    program = (
+        "import sys\n"
+        f"for name in {modules!r}: __import__(name)\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "", f"pure modules pulled in: {result.stdout.strip()}"
+
+
 def _sources() -> dict[str, str]:
     """Every module of the package: dotted name → source text."""
     import pathlib

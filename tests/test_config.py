@@ -17,9 +17,11 @@ from postfix_mtasts import limits
 from postfix_mtasts.config import (
     Config,
     ConfigError,
+    ImapConfig,
     ListenAddress,
     Nameserver,
     Profile,
+    ReportsConfig,
     config_from_mapping,
     load_config,
     parse_config,
@@ -38,6 +40,8 @@ def toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
     return repr(value)
 
 
@@ -99,7 +103,8 @@ def test_no_file_means_defaults_from_limits() -> None:
     }
     assert (config.log.level, config.log.syslog) == ("info", False)
     assert (config.control.socket, config.control.mode) == ("", 0o660)
-    assert config.metrics.listen is None
+    assert config.http.listen is None
+    assert config.reports == ReportsConfig()
     assert config.service.user == ""
 
 
@@ -179,9 +184,25 @@ GOOD: list[tuple[str, Any, Any]] = [
     ("control.socket", "/run/mtasts/ctl.sock", "/run/mtasts/ctl.sock"),
     ("control.mode", "0600", 0o600),
     ("control.mode", "644", 0o644),
-    ("metrics.listen", "inet:127.0.0.1:9461", ListenAddress(kind="inet", host="127.0.0.1", port=9461)),
+    ("http.listen", "inet:127.0.0.1:9461", ListenAddress(kind="inet", host="127.0.0.1", port=9461)),
+    ("reports.alert_ratio", 0.1, 0.1),
+    ("reports.alert_ratio", 1, 1.0),
+    ("reports.alert_window", 86400, 86400.0),
+    ("reports.alert_min_sessions", 1, 1),
+    ("reports.sendmail_path", "/usr/local/sbin/sendmail", "/usr/local/sbin/sendmail"),
+    ("reports.reporter_silence_days", 0, 0),
     ("service.user", "postfix-mtasts", "postfix-mtasts"),
     ("service.user", "", ""),
+    ("reports.path", "/var/lib/tlsrpt/r.sqlite3", "/var/lib/tlsrpt/r.sqlite3"),
+    ("reports.dsn", "postgresql://db/tlsrpt", "postgresql://db/tlsrpt"),
+    ("reports.schema", "tls_reports", "tls_reports"),
+    ("reports.maildir", "/var/mail/tlsrpt", "/var/mail/tlsrpt"),
+    ("reports.poll_interval", 5, 5.0),
+    (
+        "reports.imap",
+        {"host": "imap.example", "user": "tlsrpt", "password_file": "/etc/postfix-mtasts/imap.pw"},
+        ImapConfig(host="imap.example", user="tlsrpt", password_file="/etc/postfix-mtasts/imap.pw"),
+    ),
 ]
 
 
@@ -222,9 +243,38 @@ def test_good_values_cover_every_key() -> None:
 
     walk(Config(), "")
     leaves.update({"cache.redis.sentinels", "cache.redis.sentinel_service", "resolver.ca_file"})
+    leaves.discard("http.key")  # which name http.listen was set with: not a key of its own
     good = {key for key, _, _ in GOOD} | {"cache.redis.sentinels", "cache.redis.sentinel_service"}
-    assert leaves - good == {"resolver.ca_file"}  # needs a real file: its own test
+    # these need a real file: tests of their own
+    assert leaves - good == {"resolver.ca_file", "reports.alert_mail_to"}
     assert leaves - {key for key, _ in BAD} == set()
+
+
+def test_http_listen_keeps_its_older_name_metrics_listen() -> None:
+    older = parse_config('[metrics]\nlisten = "inet:127.0.0.1:9461"\n', SOURCE)
+    newer = parse_config('[http]\nlisten = "inet:127.0.0.1:9461"\n', SOURCE)
+    assert older.http.listen == newer.http.listen == ListenAddress(kind="inet", host="127.0.0.1", port=9461)
+    assert (older.http.key, newer.http.key) == ("metrics.listen", "http.listen")
+    assert error_of('[http]\nlisten = "inet:127.0.0.1:1"\n[metrics]\nlisten = "inet:127.0.0.1:2"\n') == (
+        f"{SOURCE}: metrics.listen: is the older name of http.listen; set only http.listen")
+    clash = '[listen]\nsocketmap = ["inet:127.0.0.1:9461"]\n[http]\nlisten = "inet:127.0.0.1:9461"\n'
+    assert error_of(clash) == (
+        f"{SOURCE}: http.listen: inet:127.0.0.1:9461 is already used by listen.socketmap[0]")
+
+
+def test_alert_mail_needs_an_executable_sendmail(tmp_path: Path) -> None:
+    sendmail = tmp_path / "sendmail"
+    sendmail.write_text("#!/bin/sh\nexit 0\n")
+    text = f'[reports]\nalert_mail_to = "postmaster@example.com"\nsendmail_path = "{sendmail}"\n'
+    with pytest.raises(ConfigError, match=r"sendmail_path: .* is not an executable file"):
+        parse_config(text, SOURCE)
+    sendmail.chmod(0o755)
+    config = parse_config(text, SOURCE)
+    assert config.reports.alert_mail_to == "postmaster@example.com"
+    assert config.reports.sendmail_path == str(sendmail)
+    assert error_of(text.replace(str(sendmail), str(tmp_path / "none"))) == (
+        f'{SOURCE}: reports.sendmail_path: "{tmp_path}/none" is not an executable file '
+        "(needed to mail alerts to postmaster@example.com)")
 
 
 def test_redis_sentinels_with_service() -> None:
@@ -378,9 +428,30 @@ BAD: list[tuple[str, Any]] = [
     ("control.mode", "rw-rw----"),
     ("metrics.listen", "127.0.0.1:9461"),
     ("metrics.listen", ["inet:127.0.0.1:9461"]),
+    ("http.listen", "127.0.0.1:9461"),
+    ("reports.alert_ratio", 0),
+    ("reports.alert_ratio", 5),
+    ("reports.alert_ratio", "5%"),
+    ("reports.alert_ratio", float("nan")),
+    ("reports.alert_window", 60),
+    ("reports.alert_window", "3d"),
+    ("reports.alert_min_sessions", 0),
+    ("reports.alert_mail_to", "Postmaster <postmaster@example.com>"),
+    ("reports.alert_mail_to", "-oQ/tmp@example.com"),
+    ("reports.alert_mail_to", "a@example.com, b@example.com"),
+    ("reports.sendmail_path", "sendmail"),
+    ("reports.reporter_silence_days", -1),
+    ("reports.reporter_silence_days", 1.5),
     ("service.user", "Root"),
     ("service.user", "-rf"),
     ("service.user", 0),
+    ("reports.path", "reports.sqlite3"),
+    ("reports.dsn", "mysql://db/x"),
+    ("reports.schema", "a-b"),
+    ("reports.maildir", "Maildir"),
+    ("reports.poll_interval", 0),
+    ("reports.imap", {"host": "imap.example", "user": "tlsrpt"}),
+    ("reports.imap", "imap.example"),
 ]
 
 
@@ -580,12 +651,16 @@ def test_example_file_uncommented_gives_the_defaults() -> None:
             Config().dane,
             Config().log,
             Config().control,
-            Config().metrics,
+            Config().http,
             Config().service,
+            Config().reports,
         )
         for f in dataclasses.fields(section)
-        if f.name not in {"redis", "postgresql"}
+        if f.name not in {"redis", "postgresql", "imap", "key"}
     }
+    # The keys of what the daemon watches in the stored reports.
+    expected |= {"alert_ratio", "alert_window", "alert_min_sessions", "alert_mail_to", "sendmail_path",
+                 "reporter_silence_days"}
     assert expected - shown == set()
 
 
@@ -779,3 +854,29 @@ def test_any_scalar_for_any_key_is_accepted_or_named(key: str, value: Any) -> No
     except ConfigError as error:
         # A range error between two keys (negative_ttl_min > max) names both.
         assert str(error).startswith(f"{SOURCE}: ") and key in str(error)
+
+
+def test_reports_imap_keys() -> None:
+    base = '[reports.imap]\nhost = "127.0.0.1"\nuser = "u"\npassword_file = "/pw"\n'
+    imap = parse_config(base + "tls = false\n", SOURCE).reports.imap
+    assert imap is not None
+    assert (imap.tls, imap.port, imap.folder, imap.done_folder) == (False, 143, "INBOX", "")
+    imap = parse_config(base + 'port = 1993\nfolder = "TLS"\ndone_folder = "TLS/done"\n', SOURCE).reports.imap
+    assert imap is not None
+    assert (imap.tls, imap.port, imap.folder, imap.done_folder) == (True, 1993, "TLS", "TLS/done")
+    assert "reports.imap.pasword_file" in error_of(base + 'pasword_file = "/x"\n')
+    assert "reports.imap.ca_file" in error_of(base + 'ca_file = "/nonexistent/ca.pem"\n')
+    assert "reports.imap.folder" in error_of(base + 'folder = ""\n')
+    assert "reports.imap.password_file" in error_of('[reports.imap]\nhost = "h"\nuser = "u"\n')
+
+
+def test_example_file_shows_every_imap_key() -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [reports.imap]"):]
+    shown = set(re.findall(r"^# ([a-z_]+) = ", block, flags=re.MULTILINE))
+    assert shown == {f.name for f in dataclasses.fields(ImapConfig)}
+    uncommented = "[reports.imap]\n" + "\n".join(
+        line[2:].split("  #")[0] for line in block.splitlines()[1:] if re.match(r"^# [a-z_]+ = ", line)
+    )
+    imap = parse_config(uncommented.replace('ca_file = ""', ""), "example").reports.imap
+    assert imap is not None and imap.host == "imap.example.com" and imap.port == 993

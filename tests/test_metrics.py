@@ -82,8 +82,13 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
         extra=f'[control]\nsocket = "{tmp_path}/control.sock"\n'
               f'[metrics]\nlisten = "inet:{LOOPBACK}:{metrics_port}"\n',
     )
-    daemon = await DaemonProcess.start(reactor(), tmp_path, text)
+    config_path = tmp_path / "daemon.toml"
+    config_path.write_text(text)
+    # Ready once the HTTP listener accepts: it opens after the Postfix listeners (and the report store).
+    daemon = DaemonProcess(reactor(), config_path, ("inet", metrics_port))
+    daemon.spawn()
     try:
+        await daemon.wait_ready()
         yield Running(world, daemon, f"inet:{LOOPBACK}:{port}", f"http://{LOOPBACK}:{metrics_port}")
     finally:
         await daemon.close()
@@ -184,3 +189,56 @@ async def test_metrics_without_prometheus_client_is_one_start_up_line(tmp_path: 
     assert "metrics.listen" in errors[0]
     assert "pip install 'postfix-mtasts[metrics]'" in errors[0]
     assert "Traceback" not in stderr
+
+
+def test_report_series_are_bounded_and_long_names_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone can mail a report: the session series stop at limits.REPORT_METRIC_SERIES, and a
+    name longer than limits.REPORT_LABEL_MAX is cut."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from twisted.internet.task import Clock
+
+    from postfix_mtasts import limits
+    from postfix_mtasts.config import ReportsConfig
+    from postfix_mtasts.metrics import report_families
+    from postfix_mtasts.reportwatch import ReportWatch, Snapshot
+
+    monkeypatch.setattr(limits, "REPORT_METRIC_SERIES", 3)
+    long_name = "x" * 300
+    watch = ReportWatch(Clock(), None, ReportsConfig())  # type: ignore[arg-type]  # never read here
+    totals = {(f"d{i}.example", long_name, "successful"): i for i in range(5)}
+    watch.snapshot = Snapshot(watch.now(), count=5, totals=totals)
+
+    class Collector:
+        def collect(self) -> Any:
+            return report_families(watch)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())
+    text = generate_latest(registry).decode()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    sessions = [s for s in samples if s.name == "postfix_mtasts_tlsrpt_sessions_total"]
+    assert [s.labels["policy_domain"] for s in sessions] == ["d0.example", "d1.example", "d2.example"]
+    assert {len(s.labels["reporter"]) for s in sessions} == {limits.REPORT_LABEL_MAX}
+    [dropped] = [s.value for s in samples if s.name == "postfix_mtasts_tlsrpt_series_dropped"]
+    assert dropped == 2
+
+
+def test_the_http_root_serves_metrics_and_reports_and_404_elsewhere() -> None:
+    from prometheus_client import CollectorRegistry
+    from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from postfix_mtasts.metrics import HttpRoot, MetricsPage
+
+    reports = Resource()
+    with_reports = HttpRoot(CollectorRegistry(), reports)
+    without = HttpRoot(CollectorRegistry())
+    request = DummyRequest([b""])
+    assert isinstance(with_reports.getChild(b"metrics", request), MetricsPage)
+    assert isinstance(with_reports.getChild(b"", request), MetricsPage)
+    assert with_reports.getChild(b"reports", request) is reports
+    page = with_reports.getChild(b"other", request)
+    assert page.render(request) == b"not found: metrics are at /metrics, TLS reports at /reports\n"
+    assert request.responseCode == 404
+    page = without.getChild(b"reports", request)
+    assert page.render(request).startswith(b"not found: this daemon has no TLS report store open: ")

@@ -14,6 +14,8 @@ from postfix_mtasts.tlsrpt.render import render_csv, render_html, render_json, r
 from postfix_mtasts.tlsrpt.sources import Collected, collect, read_inputs
 from postfix_mtasts.tlsrpt.summary import summarize
 
+#: ``report ingest`` and ``report show`` (postfix_mtasts.tlsrpt.keep): the report store.
+ACTIONS = ("ingest", "show")
 #: Exit status: at least one report read and none broken.
 EXIT_OK = 0
 #: Exit status: some input was broken (the rest was still counted).
@@ -31,6 +33,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="read RFC 8460 TLS reports (JSON, .json.gz, mail, mbox, Maildir) and explain them",
         description="Add up SMTP TLS reports (RFC 8460) that senders mailed to your tlsrpt address, "
         "and explain each kind of failure with its usual fix. Inputs are recognised by content.",
+        epilog="To keep reports: 'postfix-mtasts report ingest PATH...|-' stores them (once each) "
+        "in the report store, 'postfix-mtasts report show' adds up what is stored; see --help of each.",
     )
     add_arguments(report)
     return report

@@ -20,7 +20,7 @@ import re
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from functools import partial
 from typing import IO, BinaryIO, Protocol
@@ -69,10 +69,11 @@ _MBOXRD_QUOTED_FROM = re.compile(rb"^>+From ")
 
 @dataclass(frozen=True)
 class Found:
-    """A valid report and where it was read from."""
+    """A valid report, where it was read from, and its JSON as read (for the report store)."""
 
     source: str
     report: Report
+    raw: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def read_bytes(source: str, data: bytes, depth: int = 0) -> Iterator[Item]:
         yield from _read_zip(source, data, depth)
     elif kind == "json":
         try:
-            yield Found(source, parse_report_text(data))
+            yield Found(source, parse_report_text(data), data)
         except ReportError as e:
             yield Broken(source, str(e))
     elif kind == "mbox":
