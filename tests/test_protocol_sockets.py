@@ -37,7 +37,7 @@ class _Server:
                 outer.protocols.append(protocol)
                 return protocol
 
-        self.port = reactor.listenTCP(0, Factory(responder), interface="127.0.0.1")
+        self.port = reactor.listenTCP(0, Factory(responder, clock=reactor), interface="127.0.0.1")
 
     @property
     def address(self) -> tuple[str, int]:
