@@ -24,6 +24,7 @@ SYSTEMD_LISTEN_ENVIRONMENT = {name: value for name, value in os.environ.items() 
 
 from postfix_mtasts import __version__, tlsrpt  # noqa: E402
 from postfix_mtasts import check as check_command  # noqa: E402
+from postfix_mtasts import doctor as doctor_command  # noqa: E402
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -73,16 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (repeatable)")
         sub.add_argument("-q", "--quiet", action="count", default=0, help="less log detail (repeatable)")
 
-    serve = commands.add_parser("serve", help="run the policy daemon")
+    serve = commands.add_parser(
+        "serve",
+        help="run the policy daemon",
+        description=(
+            "Run the policy daemon: answer Postfix's socketmap and tcp_table lookups on the "
+            "[listen] addresses of the configuration until SIGTERM or SIGINT; SIGHUP re-reads "
+            "the configuration. Logs one line per resolution (to stderr, or syslog with "
+            "[log] syslog = true)."
+        ),
+    )
     common(serve)
 
     query = commands.add_parser(
-        "query", help="resolve one domain now, without a daemon, and show every step"
+        "query",
+        help="resolve one domain now, without a daemon, and show every step",
+        description=(
+            "Resolve DOMAIN now, as the daemon would but without its cache or a running daemon: "
+            "print each step (TXT record, policy fetch), the result, and the answer the profile "
+            "gives Postfix. Exit status: 0 for a policy answer, 1 for not found, 2 for an error."
+        ),
     )
     common(query)
     query.add_argument("domain", help="a next-hop domain as Postfix would send it")
     query.add_argument("--profile", default="postfix", help="socketmap name / profile (default: postfix)")
     check_command.add_check_parser(commands, common)
+    doctor_command.add_doctor_parser(commands, common)
     tlsrpt.add_parser(commands)
 
     ctl = commands.add_parser(
@@ -131,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"postfix-mtasts: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if args.command == "doctor":  # runs postconf and postmap: no reactor, no logging set-up
+        return doctor_command.run_doctor(config, args)
     if args.command == "ctl":
         from postfix_mtasts.control import client_socket_path
 
@@ -150,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_command.run_check(reactor, config, args)
     if args.command == "serve":
         return _serve(reactor, config, verbosity)
-    return _query(reactor, config, args.domain, args.profile)
+    return _query(reactor, config, args.domain, args.profile, verbosity)
 
 
 def _ctl(args: argparse.Namespace, path: str) -> int:
@@ -281,9 +300,10 @@ def _serve(reactor: Any, config: Any, verbosity: int = 0) -> int:
     return outcome["code"]
 
 
-def _query(reactor: Any, config: Any, domain_text: str, profile_name: str) -> int:
+def _query(reactor: Any, config: Any, domain_text: str, profile_name: str, verbosity: int = 0) -> int:
+    from postfix_mtasts.answers import entry_answer
     from postfix_mtasts.cache.memory import MemoryStore
-    from postfix_mtasts.lookup import entry_answer
+    from postfix_mtasts.lookup import RESULT_LOGGER
     from postfix_mtasts.policy.model import AnswerKind
     from postfix_mtasts.policy.nexthop import BracketedNextHop, Resolve, classify_key
     from postfix_mtasts.policy.tlsrpt import AnswerOptions
@@ -302,6 +322,10 @@ def _query(reactor: Any, config: Any, domain_text: str, profile_name: str) -> in
         return EXIT_NOT_FOUND
     domain = decision.domain
     print(f"key {domain_text!r}: policy domain {domain}")
+    if verbosity <= 0:
+        # Its one log line per resolution would land amid the steps printed
+        # below, saying what the "result:" line says; -v shows it again.
+        logging.getLogger(RESULT_LOGGER).setLevel(logging.WARNING)
 
     async def job() -> int:
         store = MemoryStore()

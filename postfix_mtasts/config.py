@@ -26,6 +26,11 @@ from postfix_mtasts import limits
 DEFAULT_SOCKETMAP_ADDRESS: Final = "inet:127.0.0.1:8461"
 #: The profile (socketmap NAME) that always exists; main.cf uses it by default.
 DEFAULT_PROFILE: Final = "postfix"
+#: A second built-in profile, for Postfix 3.10 and later: the default one plus
+#: the TLSRPT attributes (tlsrpt = true), whose mx_host_pattern attributes
+#: Postfix 3.10.5's smtp_tls_enforce_sts_mx_patterns needs. Chosen in main.cf
+#: alone (socketmap:...:postfix310); a [profiles.postfix310] table replaces it.
+STS_PROFILE: Final = "postfix310"
 #: Postfix gives up on a socketmap/tcp_table lookup after 100 seconds, so our
 #: own waits must end well before that.
 POSTFIX_LOOKUP_TIMEOUT: Final = 100.0
@@ -320,8 +325,13 @@ class ServiceConfig:
     user: str = ""
 
 
+def builtin_profiles() -> dict[str, Profile]:
+    """The profiles that exist without a [profiles] table."""
+    return {DEFAULT_PROFILE: Profile(), STS_PROFILE: Profile(tlsrpt=True)}
+
+
 def _default_profiles() -> Mapping[str, Profile]:
-    return MappingProxyType({DEFAULT_PROFILE: Profile()})
+    return MappingProxyType(builtin_profiles())
 
 
 @dataclass(frozen=True, slots=True)
@@ -911,7 +921,7 @@ class _Reader:
         )
 
     def profiles(self, data: Mapping[str, object]) -> Mapping[str, Profile]:
-        profiles = {DEFAULT_PROFILE: Profile()}
+        profiles = builtin_profiles()
         for name in data:
             if not PROFILE_NAME_PATTERN.fullmatch(name):
                 raise self.fail(
@@ -922,11 +932,15 @@ class _Reader:
             prefix = f"profiles.{name}"
             section = self.subtable(data, name, "profiles")
             self.table(section, prefix, tuple(Profile.__dataclass_fields__))
+            # A built-in profile's table changes only the keys it names.
+            base = profiles.get(name, Profile())
             profiles[name] = Profile(
-                enforce_testing=self.boolean(section, "enforce_testing", prefix, False),
-                tlsrpt=self.boolean(section, "tlsrpt", prefix, False),
-                tlsrpt_policy_failure=self.boolean(section, "tlsrpt_policy_failure", prefix, False),
-                dane=self.boolean(section, "dane", prefix, False),
+                enforce_testing=self.boolean(section, "enforce_testing", prefix, base.enforce_testing),
+                tlsrpt=self.boolean(section, "tlsrpt", prefix, base.tlsrpt),
+                tlsrpt_policy_failure=self.boolean(
+                    section, "tlsrpt_policy_failure", prefix, base.tlsrpt_policy_failure
+                ),
+                dane=self.boolean(section, "dane", prefix, base.dane),
             )
         return MappingProxyType(profiles)
 

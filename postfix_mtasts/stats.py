@@ -1,9 +1,10 @@
-"""Counters the daemon keeps about itself, for ``ctl stats`` and metrics."""
+"""What the daemon keeps about itself: counters for ``ctl stats`` and metrics,
+and the trace of recent resolutions for ``ctl show``."""
 
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -100,3 +101,25 @@ class LookupStats:
                 "p999": self.percentile(0.999),
             },
         }
+
+
+#: Traces of the last resolution kept for ``ctl show``.
+TRACES_KEPT = 1000
+
+
+class RecentTraces:
+    """The step-by-step trace of the last resolution of the most recently
+    resolved domains (at most TRACES_KEPT)."""
+
+    def __init__(self, kept: int = TRACES_KEPT) -> None:
+        self.kept = kept
+        self._traces: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+
+    def record(self, domain: str, steps: tuple[str, ...], result: str) -> None:
+        self._traces[domain] = (*steps, f"result: {result}")
+        self._traces.move_to_end(domain)
+        while len(self._traces) > self.kept:
+            self._traces.popitem(last=False)
+
+    def last(self, domain: str) -> tuple[str, ...]:
+        return self._traces.get(domain, ())

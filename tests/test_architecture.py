@@ -1,5 +1,6 @@
-"""The house rule that keeps the core testable: ``policy/`` and ``codec/`` are
-pure. Importing them must load no Twisted, no network and no asyncio."""
+"""The house rule that keeps the core testable: ``policy/``, ``codec/`` and
+doctor's decisions are pure. Importing them must load no Twisted, no network
+and no asyncio (and, for doctor, no subprocess)."""
 
 from __future__ import annotations
 
@@ -162,3 +163,16 @@ def test_the_package_has_no_import_cycles() -> None:
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+def test_doctor_decisions_are_pure() -> None:
+    """doctor's decisions run no program and open no socket: only doctor.run does."""
+    modules = [f"postfix_mtasts.doctor.{name}" for name in ("postfix", "maps", "settings")]
+    program = (
+        "import sys\n"
+        f"for name in {modules!r}: __import__(name)\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {(*FORBIDDEN, 'subprocess')!r})\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "", f"doctor's pure modules pulled in: {result.stdout.strip()}"

@@ -11,17 +11,7 @@ import trustme
 from cryptography import x509
 
 from postfix_mtasts import limits
-from postfix_mtasts.check.audit import (
-    CERTIFICATE_WARNING_DAYS,
-    CheckSetupError,
-    expiry_finding,
-    mx_coverage,
-    normalise_domain,
-    parse_tlsrpt,
-    policy_findings,
-    smtp_findings,
-    tlsrpt_finding,
-)
+from postfix_mtasts.check.audit import CheckSetupError, normalise_domain
 from postfix_mtasts.check.findings import (
     Finding,
     Level,
@@ -30,6 +20,16 @@ from postfix_mtasts.check.findings import (
     render_json,
     render_text,
     summary,
+)
+from postfix_mtasts.check.judgements import (
+    CERTIFICATE_WARNING_DAYS,
+    expiry_finding,
+    mx_coverage,
+    parse_tlsrpt,
+    policy_findings,
+    smtp_findings,
+    tlsrpt_finding,
+    unresolvable_mx_finding,
 )
 from postfix_mtasts.check.smtp import SmtpProbe
 from postfix_mtasts.policy.model import Mode, Policy
@@ -147,6 +147,32 @@ def test_policy_findings_mode() -> None:
     testing = policy_findings(_policy(Mode.TESTING), "max_age: 604800\n")
     assert [f.message for f in testing if f.topic == Topic.POLICY_MODE] == ["mode testing: not protected yet"]
     assert _levels(policy_findings(_policy(Mode.NONE, mx=()), ""), Topic.POLICY_MODE) == [Level.WARNING]
+
+
+def test_forgiven_policy_problems_are_warnings_with_a_fix() -> None:
+    warning = 'line 3: mx "MX1.example.com." ends with a dot; read as "mx1.example.com"'
+    findings = policy_findings(_policy(Mode.ENFORCE), "max_age: 604800\n", (warning,))
+    forgiven = [f for f in findings if f.topic == Topic.POLICY and f.level is Level.WARNING]
+    assert [f.message for f in forgiven] == [f"policy {warning}"]
+    assert "no final dot" in forgiven[0].fix
+
+
+def test_a_missing_mx_host_is_removed_from_the_mx_records() -> None:
+    finding = unresolvable_mx_finding("mx2.example.com", "NXDOMAIN")
+    assert finding.level is Level.ERROR
+    assert finding.fix == (
+        "publish an A (and/or AAAA) record for mx2.example.com, or remove it from the MX records"
+    )
+
+
+def test_a_domain_without_mx_or_address_is_told_to_publish_an_mx_record() -> None:
+    """With no MX record the domain itself is the implicit MX: there is no MX
+    record to remove it from."""
+    finding = unresolvable_mx_finding("example.com", "NXDOMAIN", implicit=True)
+    assert finding.level is Level.ERROR
+    assert finding.message == "example.com: no MX record and no address: NXDOMAIN"
+    assert "MX record" in finding.fix and "remove" not in finding.fix
+    assert finding.fix.startswith('publish an MX record, e.g. "example.com. MX 10 mx.example.com."')
 
 
 def test_short_max_age_warns_only_in_enforce_mode() -> None:

@@ -315,6 +315,25 @@ async def test_no_mx_record_falls_back_to_the_domain(lab: Lab) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_mx_pattern_with_a_trailing_dot_is_a_warning_not_a_refusal(lab: Lab) -> None:
+    lab.world.publish(DOMAIN, World.policy_text(mx=(MX1.upper() + ".",), max_age=604800), POLICY_ID)
+    findings = await lab.audit()
+    the_one(findings, Topic.POLICY, Level.OK, f"policy valid: mode enforce, mx {MX1}")
+    the_one(findings, Topic.POLICY, Level.WARNING, "ends with a dot")
+    the_one(findings, Topic.MX_COVERAGE, Level.OK, f"every MX host ({MX1}) matches")
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_mx_record_and_no_address_asks_for_an_mx_record(lab: Lab) -> None:
+    lab.world.dns.remove(DOMAIN, "MX")
+    findings = await lab.audit()
+    the_one(findings, Topic.MX_RECORDS, Level.WARNING, "no MX record")
+    unreachable = the_one(findings, Topic.SMTP_CONNECT, Level.ERROR, f"{DOMAIN}: no MX record and no address")
+    assert "remove it from the MX records" not in unreachable.fix
+    assert unreachable.fix.startswith("publish an MX record")
+
+
+@pytest_twisted.ensureDeferred
 async def test_mx_host_does_not_resolve(lab: Lab) -> None:
     lab.world.dns.remove(MX1)
     findings = await lab.audit()

@@ -45,6 +45,18 @@ async def test_version_prints_the_package_version() -> None:
     assert result.stdout.strip() == f"postfix-mtasts {__version__}"
 
 
+@pytest.mark.parametrize(
+    ("command", "described"),
+    [("serve", "until SIGTERM or SIGINT"), ("query", "Exit status: 0 for a policy answer")],
+)
+@ensure_deferred
+async def test_help_of_serve_and_query_describes_the_command(command: str, described: str) -> None:
+    result = await run_cli(reactor(), command, "--help")
+
+    assert result.code == 0, result
+    assert described in " ".join(result.stdout.split()), result.stdout
+
+
 BAD_CONFIGS = [
     pytest.param('[policy]\nrecheck_interval = "soon"\n', "policy.recheck_interval", id="wrong-type"),
     pytest.param('[listen]\nsocketmapp = ["inet:127.0.0.1:8461"]\n', "listen.socketmapp", id="unknown-key"),
@@ -164,6 +176,20 @@ async def test_query_shows_every_step_of_an_enforced_policy(world: World, tmp_pa
 
 
 @ensure_deferred
+async def test_query_keeps_the_resolution_log_line_out_of_its_trace(world: World, tmp_path: Path) -> None:
+    """The daemon's one line per resolution repeats the "result:" line, and
+    on a terminal it lands in the middle of the printed steps: query shows it
+    only with -v."""
+    plain = await query(world, tmp_path, ENFORCE)
+    verbose = await query(world, tmp_path, ENFORCE, "-v")
+
+    assert plain.code == verbose.code == 0
+    assert [line for line in plain.stderr_lines if ENFORCE in line] == [], plain.stderr
+    logged = [line for line in verbose.stderr_lines if f" INFO {ENFORCE}: secure match=" in line]
+    assert len(logged) == 1, verbose.stderr
+
+
+@ensure_deferred
 async def test_query_of_a_domain_without_mta_sts_exits_1(world: World, tmp_path: Path) -> None:
     result = await query(world, tmp_path, "none.example")
 
@@ -234,5 +260,7 @@ async def test_query_with_an_unknown_profile_says_one_line(world: World, tmp_pat
     result = await query(world, tmp_path, ENFORCE, "--profile", "nope")
 
     assert result.code == 2, result
-    assert result.stderr_lines == ["postfix-mtasts: unknown profile 'nope'; configured: postfix, strict"]
+    assert result.stderr_lines == [
+        "postfix-mtasts: unknown profile 'nope'; configured: postfix, postfix310, strict"
+    ]
     assert world.dns.queries == []

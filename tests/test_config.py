@@ -97,7 +97,10 @@ def test_no_file_means_defaults_from_limits() -> None:
     assert policy.refresh_jitter == limits.REFRESH_JITTER
     assert policy.refresh_idle_limit == limits.REFRESH_IDLE_LIMIT
     assert policy.bracketed_next_hop == "ignore"
-    assert dict(config.profiles) == {"postfix": Profile(enforce_testing=False)}
+    assert dict(config.profiles) == {
+        "postfix": Profile(enforce_testing=False),
+        "postfix310": Profile(tlsrpt=True),
+    }
     assert (config.log.level, config.log.syslog) == ("info", False)
     assert (config.control.socket, config.control.mode) == ("", 0o660)
     assert config.http.listen is None
@@ -304,10 +307,22 @@ def test_profiles() -> None:
         "postfix": Profile(enforce_testing=True),
         "strict": Profile(enforce_testing=True),
         "Relaxed-2_x": Profile(enforce_testing=False),
+        "postfix310": Profile(tlsrpt=True),
     }
     # postfix exists even when only another profile is configured
     config = parse_config("[profiles.other]\n")
-    assert set(config.profiles) == {"postfix", "other"}
+    assert set(config.profiles) == {"postfix", "postfix310", "other"}
+
+
+def test_builtin_postfix310_profile_sends_the_attributes_and_can_be_extended() -> None:
+    """postfix310 feeds Postfix 3.10.5's smtp_tls_enforce_sts_mx_patterns with
+    no daemon configuration at all; a [profiles.postfix310] table changes
+    only the keys it names."""
+    assert Config().profiles["postfix310"] == Profile(tlsrpt=True)
+    extended = parse_config('[profiles.postfix310]\ndane = true\n[dane]\nnameservers = ["127.0.0.1"]\n')
+    assert extended.profiles["postfix310"] == Profile(tlsrpt=True, dane=True)
+    switched_off = parse_config("[profiles.postfix310]\ntlsrpt = false\n")
+    assert switched_off.profiles["postfix310"] == Profile()
 
 
 def test_profile_reporting_and_dane_switches() -> None:
@@ -320,6 +335,7 @@ def test_profile_reporting_and_dane_switches() -> None:
         "postfix": Profile(),
         "report": Profile(tlsrpt=True, tlsrpt_policy_failure=True),
         "dane": Profile(enforce_testing=True, dane=True),
+        "postfix310": Profile(tlsrpt=True),
     }
     assert (config.dane.nameservers, config.dane.timeout) == ((Nameserver("127.0.0.1", 8053),), 3.0)
 
@@ -646,6 +662,15 @@ def test_example_file_uncommented_gives_the_defaults() -> None:
     expected |= {"alert_ratio", "alert_window", "alert_min_sessions", "alert_mail_to", "sendmail_path",
                  "reporter_silence_days"}
     assert expected - shown == set()
+
+
+def test_example_file_names_every_default_cache_location() -> None:
+    """The cache.path comment lists, in order, where sqlite.default_path looks."""
+    comment = EXAMPLE.read_text().split("[cache]", 1)[1].split("#path", 1)[0]
+    places = ("$STATE_DIRECTORY/cache.sqlite3", "/var/lib/postfix-mtasts/cache.sqlite3",
+              "$XDG_STATE_HOME/postfix-mtasts/cache.sqlite3")
+    positions = [comment.find(place) for place in places]
+    assert -1 not in positions and positions == sorted(positions), comment
 
 
 def test_example_file_documents_main_cf() -> None:

@@ -337,7 +337,7 @@ async def test_reload_applies_a_new_profile_and_refuses_a_broken_file(running: R
     out = ok(await running.ctl("reload"))
 
     assert out.startswith(f"configuration reloaded from {config}: ")
-    assert "profiles: postfix, strict" in out
+    assert "profiles: postfix, postfix310, strict" in out
     assert (await running.lookup(POLICY_DOMAIN, name="strict"))[0] == "OK"
 
     config.write_text(original + "\n[policy]\nrecheck_interval = 'soon'\n")

@@ -342,7 +342,7 @@ async def test_sighup_adds_and_removes_listeners_and_profiles_keeping_cache_and_
         line = await child.until_line("configuration reloaded", mark)
 
         assert "listeners: 1 added, 0 removed, 1 kept" in line
-        assert "profiles: postfix, strict" in line
+        assert "profiles: postfix, postfix310, strict" in line
         assert "log level debug" in line
         reply = await tcp_table_lookup(reactor(), f"inet:{LOOPBACK}:{tcp_port}", "cached.example")
         assert reply.startswith(b"500 ")
@@ -650,7 +650,7 @@ if libc.prctl(65, 1, 0, 0, 0) != 0:
 from OpenSSL import SSL
 connection = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
 try:
-    # What resolver/https.py does for every policy fetch: a Python verify callback.
+    # What resolver/https/tls.py installs for every policy fetch: a Python verify callback.
     connection.set_verify(SSL.VERIFY_PEER, lambda *args: True)
 except MemoryError:
     print("fails")

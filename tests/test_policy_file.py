@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from postfix_mtasts import limits
 from postfix_mtasts.policy.model import Mode, Policy
-from postfix_mtasts.policy.policyfile import PolicyError, parse_policy
+from postfix_mtasts.policy.policyfile import PolicyError, parse_policy, read_policy
 
 # RFC 8461 §3.2's example policy, with the CRLF the RFC shows.
 RFC_EXAMPLE = (
@@ -192,7 +192,8 @@ INVALID = [
         'line 5: mx "*.*.example.com" has "*"',
         id="mx-double-wildcard",
     ),
-    pytest.param((BASE + "mx: mail.example.com.\n").encode(), "ends with a dot", id="mx-trailing-dot"),
+    pytest.param((BASE + "mx: mail.example.com..\n").encode(), "ends with a dot", id="mx-two-trailing-dots"),
+    pytest.param((BASE + "mx: .\n").encode(), 'mx "." is empty', id="mx-only-a-dot"),
     pytest.param((BASE + "mx: bücher.example\n").encode(), "is not ASCII", id="mx-u-label"),
     pytest.param((BASE + "mx: xn--abc.example\n").encode(), "invalid A-label", id="mx-bad-a-label"),
     pytest.param(
@@ -205,6 +206,24 @@ INVALID = [
     ),
     pytest.param(b"x" * (limits.POLICY_BODY_LIMIT + 1), "longer than", id="too-long"),
 ]
+
+
+def test_mx_with_upper_case_and_a_trailing_dot_is_read_with_a_warning() -> None:
+    """Refusing the policy would remove the protection it asks for: the
+    pattern is normalised, and the parser says what it forgave."""
+    body = b"version: STSv1\nmode: enforce\nmx: MX1.Example.COM.\nmx: *.Backup.Example.COM\nmax_age: 86400\n"
+
+    read = read_policy(body)
+
+    assert read.policy == Policy(Mode.ENFORCE, 86400, ("mx1.example.com", "*.backup.example.com"))
+    assert read.warnings == (
+        'line 3: mx "MX1.Example.COM." ends with a dot (not allowed in a policy); read as "mx1.example.com"',
+    )
+    assert parse_policy(body) == read.policy
+
+
+def test_a_clean_policy_has_no_warnings() -> None:
+    assert read_policy(RFC_EXAMPLE).warnings == ()
 
 
 @pytest.mark.parametrize(("body", "reason"), INVALID)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from postfix_mtasts.policy.mx import (
     check_ascii_domain,
     mx_matches,
+    normalise_pattern,
     postfix_match_list,
     validate_pattern,
 )
@@ -67,6 +68,40 @@ INVALID_PATTERNS = [
 def test_invalid_patterns(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=None) as caught:
         validate_pattern(text)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern", "warned"),
+    [
+        ("mx1.example.com", "mx1.example.com", False),
+        ("MX1.Example.COM", "mx1.example.com", False),  # DNS names ignore case: nothing to say
+        ("MX1.Example.COM.", "mx1.example.com", True),
+        ("*.example.net.", "*.example.net", True),
+    ],
+)
+def test_normalise_pattern_drops_one_trailing_dot_with_a_warning(
+    text: str, pattern: str, warned: bool
+) -> None:
+    normalised, warning = normalise_pattern(text)
+    assert normalised == pattern
+    assert (warning is not None) == warned
+    if warning is not None:
+        assert warning == f'"{text}" ends with a dot (not allowed in a policy); read as "{pattern}"'
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (".", "is empty"),
+        ("mx.example.com..", "ends with a dot"),
+        ("*..", "ends with a dot"),
+        ("bad_.example.", "bad_"),
+    ],
+)
+def test_normalise_pattern_still_refuses_what_is_not_a_host_name(text: str, reason: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        normalise_pattern(text)
     assert reason in str(caught.value)
 
 

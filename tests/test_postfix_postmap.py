@@ -186,7 +186,7 @@ async def test_an_unknown_socketmap_name_is_a_permanent_table_error(setup: Setup
     assert result.stdout == ""
     # Postfix logs our PERM text, then gives up on the table as a query error.
     assert f"{table} socketmap server permanent error: unknown map name 'nosuch'" in result.stderr
-    assert "configured: postfix, strict" in result.stderr
+    assert "configured: postfix, postfix310, strict" in result.stderr
     assert f"fatal: table {table}: query error" in result.stderr
     assert any("unknown map name 'nosuch'" in line for line in setup.daemon.stderr_lines)
 

@@ -18,11 +18,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from postfix_mtasts import limits
+from postfix_mtasts.answers import entry_answer
 from postfix_mtasts.cache import CacheEntry, Source
 from postfix_mtasts.cache.memory import MemoryStore
 from postfix_mtasts.codec import socketmap, tcptable
 from postfix_mtasts.config import PolicyConfig, Profile
-from postfix_mtasts.lookup import LookupSettings, PolicyLookup, entry_answer
+from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer, AnswerKind
 from postfix_mtasts.policy.policyfile import parse_policy
 from postfix_mtasts.policy.tlsrpt import (

@@ -90,6 +90,8 @@ class FetchOK:
     tls_version: str = ""
     not_after: datetime.datetime | None = None
     body_bytes: int | None = None
+    #: What was wrong with the policy but forgiven (policyfile.read_policy).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

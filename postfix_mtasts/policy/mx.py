@@ -73,6 +73,21 @@ def validate_pattern(text: str) -> str:
     return text.lower()
 
 
+def normalise_pattern(text: str) -> tuple[str, str | None]:
+    """Like :func:`validate_pattern`, but lenient where the meaning is plain.
+
+    One trailing dot (``MX1.Example.COM.``, a fully qualified name as zone
+    files write it) is dropped rather than refused: refusing would throw away
+    the whole policy, and with it the protection the domain asked for.
+    Returns the pattern and, when it was rewritten, a one-line warning for the
+    log; anything else invalid still raises ValueError.
+    """
+    if text.endswith(".") and not text.endswith(".."):
+        pattern = validate_pattern(text[:-1])
+        return pattern, f'"{text}" ends with a dot (not allowed in a policy); read as "{pattern}"'
+    return validate_pattern(text), None
+
+
 def mx_matches(pattern: str, host: str) -> bool:
     """True if MX ``host`` matches ``pattern`` under RFC 8461 §4.1.
 

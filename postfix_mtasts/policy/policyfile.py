@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from postfix_mtasts import limits
 from postfix_mtasts.policy.model import Mode, Policy
-from postfix_mtasts.policy.mx import validate_pattern
+from postfix_mtasts.policy.mx import normalise_pattern
 
 #: The only policy version RFC 8461 defines.
 POLICY_VERSION = "STSv1"
@@ -31,7 +32,20 @@ class PolicyError(ValueError):
     """A policy body that is not a valid RFC 8461 policy; str() is a one-line reason."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReadPolicy:
+    """A parsed policy and what was wrong but forgiven, one line each, for the log."""
+
+    policy: Policy
+    warnings: tuple[str, ...] = ()
+
+
 def parse_policy(body: bytes) -> Policy:
+    """The policy in ``body`` (see :func:`read_policy`), without its warnings."""
+    return read_policy(body).policy
+
+
+def read_policy(body: bytes) -> ReadPolicy:
     """Parse and validate a policy body, or raise :class:`PolicyError`.
 
     Follows RFC 8461 §3.2 with these decisions: lines end in LF or CRLF and
@@ -39,7 +53,9 @@ def parse_policy(body: bytes) -> Policy:
     at the start is ignored; keys and values are case-sensitive; the first
     occurrence of every key but ``mx`` wins and later ones are only checked for
     syntax; unknown keys are ignored; ``mx`` values are always validated, even
-    with ``mode: none``. A ``max_age`` above ``limits.MAX_AGE_LIMIT`` is
+    with ``mode: none``, and compared in lower case; one with a trailing dot
+    is read without it, with a warning, rather than refused
+    (mx.normalise_pattern). A ``max_age`` above ``limits.MAX_AGE_LIMIT`` is
     accepted but treated as that maximum, so a domain asking for a long cache
     life gets the longest RFC 8461 allows rather than nothing.
     """
@@ -55,6 +71,7 @@ def parse_policy(body: bytes) -> Policy:
 
     fields: dict[str, tuple[int, str]] = {}
     mx: list[str] = []
+    warnings: list[str] = []
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
         if not line.strip(" \t"):
@@ -62,11 +79,13 @@ def parse_policy(body: bytes) -> Policy:
         key, value = _split_field(number, line)
         if key == "mx":
             try:
-                pattern = validate_pattern(value)
+                pattern, warning = normalise_pattern(value)
             except ValueError as error:
                 raise PolicyError(
                     f'line {number}: mx "{_shorten(value)}" {error}'
                 ) from None
+            if warning is not None:
+                warnings.append(f"line {number}: mx {warning}")
             if pattern not in mx:
                 mx.append(pattern)
         elif key not in fields:
@@ -91,7 +110,7 @@ def parse_policy(body: bytes) -> Policy:
     max_age = min(int(max_age_field[1]), limits.MAX_AGE_LIMIT)
     if not mx and mode is not Mode.NONE:
         raise PolicyError(f"no mx line (required with mode {mode.value})")
-    return Policy(mode=mode, max_age=max_age, mx=tuple(mx))
+    return ReadPolicy(Policy(mode=mode, max_age=max_age, mx=tuple(mx)), tuple(warnings))
 
 
 def _split_field(number: int, line: str) -> tuple[str, str]:
