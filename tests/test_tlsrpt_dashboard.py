@@ -81,3 +81,16 @@ def test_no_reports_say_so_and_many_domains_are_bounded() -> None:
     assert many.count('<section class="domain"') == DOMAIN_SECTIONS
     assert many.count("<tr><td>") >= DOMAIN_SECTIONS + 5  # every domain in the overview
     assert "5 more domains are only in the overview above." in many
+
+
+def test_a_policy_without_its_domain_has_no_check_link_and_no_policy_failures_are_not_excused() -> None:
+    data = samples.report(report_id="postfix-1", start=f"{TODAY}T00:00:00Z", end=f"{TODAY}T23:59:59Z",
+                          policies=[samples.policy(policy_type="no-policy-found", successful=5, details=[
+                              samples.failure("sts-policy-fetch-error", 102)])])
+    del data["policies"][0]["policy"]["policy-domain"]  # as Postfix's own reporter sent until 2025
+    html = page([parse_report(data)])
+    assert 'data-domain="(no policy-domain)"' in html
+    assert 'class="check"' not in html  # nothing to audit
+    told = html[html.index('class="explain no-policy"'):]
+    assert "TLS still failed in these sessions" in told
+    assert "nothing is broken" not in html

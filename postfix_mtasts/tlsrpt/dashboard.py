@@ -15,7 +15,7 @@ from datetime import datetime
 from html import escape
 
 from postfix_mtasts.check.findings import Finding, Level, summary
-from postfix_mtasts.tlsrpt.explain import NO_POLICY_FOUND
+from postfix_mtasts.tlsrpt.explain import explain_no_policy
 from postfix_mtasts.tlsrpt.model import PolicyType
 from postfix_mtasts.tlsrpt.series import (
     NO_DOMAIN,
@@ -201,10 +201,10 @@ def _domain_section(index: int, d: DomainView, check_path: str) -> str:
         parts += ["<h3>Failures by result type</h3>", _result_types(d, check_path)]
     else:
         parts.append('<p class="empty">No failed sessions reported in this window.</p>')
-    if d.policy_types == (PolicyType.NO_POLICY_FOUND.value,):
-        parts.append(f'<p class="explain"><b>no-policy-found:</b> {escape(NO_POLICY_FOUND.meaning)} '
-                     f"{escape(NO_POLICY_FOUND.fix)}</p>" if not d.failed else
-                     f'<p class="explain"><b>no-policy-found:</b> {escape(NO_POLICY_FOUND.meaning)}</p>')
+    if PolicyType.NO_POLICY_FOUND.value in d.policy_types:
+        told = explain_no_policy(d.failed)
+        parts.append(f'<p class="explain no-policy"><b>no-policy-found:</b> {escape(told.meaning)} '
+                     f"<b>What to do:</b> {escape(told.fix)}</p>")
     parts.append("<h3>By reporter</h3>" + _reporters(d))
     parts.append('<div class="grid">')
     if d.failed:
