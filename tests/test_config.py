@@ -880,3 +880,11 @@ def test_example_file_shows_every_imap_key() -> None:
     )
     imap = parse_config(uncommented.replace('ca_file = ""', ""), "example").reports.imap
     assert imap is not None and imap.host == "imap.example.com" and imap.port == 993
+
+
+def test_the_built_in_listener_is_the_documented_default_address() -> None:
+    """The model spells the default listener out (it cannot parse without a
+    cycle); it must stay the address DEFAULT_SOCKETMAP_ADDRESS documents."""
+    from postfix_mtasts.config import DEFAULT_SOCKETMAP_ADDRESS
+
+    assert Config().listen.socketmap == (parse_listen_address(DEFAULT_SOCKETMAP_ADDRESS),)
