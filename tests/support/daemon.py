@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -63,6 +64,11 @@ PORT_ATTEMPTS = 50
 POSTMAP = "/usr/sbin/postmap"
 #: Environment variables that change how the daemon logs (journal format, syslog).
 _LOGGING_VARIABLES = ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")
+#: How the checkout's own daemon is started (with the checkout on PYTHONPATH).
+CHECKOUT_COMMAND = (sys.executable, "-m", "postfix_mtasts.cli")
+#: Sets LISTEN_PID to the daemon's own pid, as systemd does: the shell's pid
+#: is the daemon's once it execs.
+_LISTEN_PID_SHELL = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 #: systemd's directory variables; the tests point them at private directories so
 #: that defaults (control socket, SQLite file) never land in /run or /var/lib.
 _DIRECTORY_VARIABLES = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY")
@@ -156,6 +162,24 @@ class _ChildProtocol(ProcessProtocol):
         return waiter
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How a :class:`DaemonProcess` starts, when not as the checkout's module.
+
+    ``command`` may be an installed ``postfix-mtasts``, which then gets no
+    PYTHONPATH (it must run its own code); ``user`` runs it as that user;
+    ``sockets`` (FileDescriptorName, listening socket) are handed over as
+    systemd's socket activation does: descriptors from 3 on, LISTEN_FDS,
+    LISTEN_FDNAMES and LISTEN_PID. ``probe`` is polled for readiness when the
+    configuration names only ``systemd:`` listeners.
+    """
+
+    command: Sequence[str] = CHECKOUT_COMMAND
+    user: str = ""
+    sockets: Sequence[tuple[str, socket.socket]] = ()
+    probe: tuple[str, str | int] | None = None
+
+
 class DaemonFailed(AssertionError):
     """The daemon did not start, or did not stop the way the test expected."""
 
@@ -163,9 +187,12 @@ class DaemonFailed(AssertionError):
 class DaemonProcess:
     """One ``postfix-mtasts serve`` child with its config file and stderr."""
 
-    def __init__(self, reactor: Any, config_path: Path, probe: tuple[str, str | int]) -> None:
+    def __init__(
+        self, reactor: Any, config_path: Path, probe: tuple[str, str | int], launch: Launch = Launch()
+    ) -> None:
         self.reactor = reactor
         self.config_path = config_path
+        self.launch = launch
         #: ("inet", port) or ("unix", path): the listener polled for readiness.
         self.probe = probe
         self._protocol = _ChildProtocol()
@@ -183,12 +210,13 @@ class DaemonProcess:
         *,
         name: str = "daemon",
         args: Sequence[str] = (),
+        launch: Launch = Launch(),
     ) -> DaemonProcess:
         """Write ``config_text`` to ``directory/NAME.toml`` and run the daemon on
         it until its first listener accepts; fails with its stderr if it exits."""
         config_path = directory / f"{name}.toml"
         config_path.write_text(config_text, encoding="utf-8")
-        daemon = cls(reactor, config_path, first_listener(config_text))
+        daemon = cls(reactor, config_path, launch.probe or first_listener(config_text), launch)
         daemon.spawn(args)
         try:
             await daemon.wait_ready()
@@ -198,10 +226,28 @@ class DaemonProcess:
         return daemon
 
     def spawn(self, args: Sequence[str] = ()) -> None:
-        argv = [sys.executable, "-m", "postfix_mtasts.cli", "serve", "--config", str(self.config_path), *args]
+        launch = self.launch
+        argv = [*launch.command, "serve", "--config", str(self.config_path), *args]
         environment = daemon_environment(self.runtime_directory, str(self.config_path.parent))
+        directory = PROJECT_ROOT
+        if tuple(launch.command) != CHECKOUT_COMMAND:
+            del environment["PYTHONPATH"]
+            directory = "/"
+        descriptors: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        if launch.sockets:
+            environment["LISTEN_FDS"] = str(len(launch.sockets))
+            environment["LISTEN_FDNAMES"] = ":".join(name for name, _ in launch.sockets)
+            for index, (_, listener) in enumerate(launch.sockets):
+                descriptors[3 + index] = listener.fileno()
+            argv = ["/bin/sh", "-c", _LISTEN_PID_SHELL, "sh", *argv]
+        uid = gid = None
+        if launch.user:
+            entry = pwd.getpwnam(launch.user)
+            uid, gid = entry.pw_uid, entry.pw_gid
+            os.chown(self.runtime_directory, uid, gid)
         self._transport = self.reactor.spawnProcess(
-            self._protocol, sys.executable, argv, env=environment, path=PROJECT_ROOT
+            self._protocol, argv[0], argv, env=environment, path=directory, childFDs=descriptors,
+            uid=uid, gid=gid,
         )
 
     @property
