@@ -19,37 +19,30 @@ import grp
 import os
 import pwd
 import shutil
-import socket
-import tempfile
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
-from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.conftest import require
-from tests.support.daemon import (
-    POSTMAP,
-    PROJECT_ROOT,
-    CommandResult,
-    DaemonProcess,
-    Launch,
-    async_yield_fixture,
-    ensure_deferred,
+from tests.support.daemon import PROJECT_ROOT, DaemonProcess, Launch, async_yield_fixture, ensure_deferred
+from tests.support.socket_unit import (
+    POSTFIX_USER,
+    RUNUSER,
+    debian_queue_directory,
+    postmap_as,
+    socket_as_the_unit_makes_it,
+    unit_settings,
 )
 from tests.support.world import World
 
 pytestmark = [pytest.mark.integration, pytest.mark.postfix]
 
 UNIT = Path(PROJECT_ROOT) / "systemd" / "postfix-mtasts-unix.socket"
-#: Debian's queue_directory, under which the unit puts the socket.
-QUEUE_DIRECTORY = "/var/spool/postfix"
-RUNUSER = "/usr/sbin/runuser"
-POSTFIX_USER = "postfix"
+#: The README's main.cf map: relative to the queue directory.
+POSTFIX_MAP = "socketmap:unix:private/mtasts:postfix"
 #: Anyone else on the machine.
 OTHER_USER = "nobody"
 ENFORCE = "enforce.example"
@@ -60,62 +53,6 @@ def reactor() -> Any:
     from twisted.internet import reactor as installed
 
     return installed
-
-
-def unit_settings(path: Path) -> dict[str, str]:
-    """The ``[Socket]`` settings of a .socket unit (each key once)."""
-    settings: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, _, value = line.partition("=")
-            settings[key] = value
-    return settings
-
-
-def socket_as_the_unit_makes_it(queue: Path, settings: dict[str, str]) -> tuple[socket.socket, Path]:
-    """What systemd does for the unit, under ``queue`` instead of the real
-    queue directory: bind ListenStream=, chown SocketUser:SocketGroup, chmod
-    SocketMode=, listen with Backlog=."""
-    relative = os.path.relpath(settings["ListenStream"], QUEUE_DIRECTORY)
-    assert not relative.startswith(".."), f"the unit's socket is outside {QUEUE_DIRECTORY}"
-    path = queue / relative
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chown(path, pwd.getpwnam(settings["SocketUser"]).pw_uid, grp.getgrnam(settings["SocketGroup"]).gr_gid)
-    os.chmod(path, int(settings["SocketMode"], 8))
-    listener.listen(int(settings["Backlog"]))
-    return listener, path
-
-
-def debian_queue_directory() -> Path:
-    """A queue directory as Debian's postfix makes it, as far as the socket
-    matters: world-searchable, with ``private/`` owned by postfix, mode 0700;
-    and a main.cf for ``postmap -c`` that names it."""
-    # A unix socket path must stay under 108 bytes; pytest's tmp_path may not.
-    queue = Path(tempfile.mkdtemp(prefix="mtasts-queue-"))
-    queue.chmod(0o755)
-    private = queue / "private"
-    private.mkdir(mode=0o700)
-    os.chown(private, pwd.getpwnam(POSTFIX_USER).pw_uid, 0)
-    etc = queue / "etc"
-    etc.mkdir(mode=0o755)
-    main_cf = etc / "main.cf"
-    main_cf.write_text(f"compatibility_level = 3.6\nqueue_directory = {queue}\n")
-    main_cf.chmod(0o644)
-    # Postfix programs pause on a main.cf modified a moment ago.
-    an_hour_ago = time.time() - 3600
-    os.utime(main_cf, (an_hour_ago, an_hour_ago))
-    return queue
-
-
-async def postmap_as(user: str, queue: Path, key: str, table: str) -> CommandResult:
-    """``postmap -q KEY TABLE`` as ``user``, from the queue directory."""
-    args: Sequence[str] = ["-u", user, "--", POSTMAP, "-c", str(queue / "etc"), "-q", key, table]
-    running: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(  # type: ignore[no-untyped-call]
-        RUNUSER, args, env={"PATH": "/usr/sbin:/usr/bin:/bin"}, path=str(queue), reactor=reactor()
-    )
-    out, err, code = await running
-    return CommandResult(out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code)
 
 
 @dataclass
@@ -143,7 +80,7 @@ async def setup(tmp_path: Path, machine: None) -> AsyncIterator[Setup]:
     queue = debian_queue_directory()
     listener, path = socket_as_the_unit_makes_it(queue, settings)
     config = world.config_toml(socketmap=(f"systemd:{settings['FileDescriptorName']}",))
-    launch = Launch(sockets=[(settings["FileDescriptorName"], listener)], probe=("unix", str(path)))
+    launch = Launch(sockets=[(settings["FileDescriptorName"], listener)])
     try:
         daemon = await DaemonProcess.start(reactor(), tmp_path, config, launch=launch)
         # systemd keeps its copy; the test's is no longer needed once the child has one.
@@ -162,7 +99,7 @@ async def setup(tmp_path: Path, machine: None) -> AsyncIterator[Setup]:
 
 @ensure_deferred
 async def test_postfix_reaches_the_daemon_through_the_units_socket(setup: Setup) -> None:
-    result = await postmap_as(POSTFIX_USER, setup.queue, ENFORCE, "socketmap:unix:private/mtasts:postfix")
+    result = await postmap_as(reactor(), POSTFIX_USER, setup.queue, ENFORCE, POSTFIX_MAP)
 
     assert (result.code, result.stdout, result.stderr) == (0, ENFORCE_ANSWER + "\n", "")
     assert setup.world.https.requests[f"mta-sts.{ENFORCE}"] == 1
@@ -171,7 +108,7 @@ async def test_postfix_reaches_the_daemon_through_the_units_socket(setup: Setup)
 
 @ensure_deferred
 async def test_the_socket_keeps_the_units_owner_and_mode(setup: Setup) -> None:
-    await postmap_as(POSTFIX_USER, setup.queue, ENFORCE, "socketmap:unix:private/mtasts:postfix")
+    await postmap_as(reactor(), POSTFIX_USER, setup.queue, ENFORCE, POSTFIX_MAP)
     settings = unit_settings(UNIT)
 
     status = os.stat(setup.socket_path)
@@ -182,7 +119,8 @@ async def test_the_socket_keeps_the_units_owner_and_mode(setup: Setup) -> None:
 
 @ensure_deferred
 async def test_a_user_outside_postfix_cannot_connect(setup: Setup) -> None:
-    result = await postmap_as(OTHER_USER, setup.queue, ENFORCE, f"socketmap:unix:{setup.socket_path}:postfix")
+    table = f"socketmap:unix:{setup.socket_path}:postfix"
+    result = await postmap_as(reactor(), OTHER_USER, setup.queue, ENFORCE, table)
 
     assert result.code != 0 and result.stdout == ""
     assert "Permission denied" in result.stderr, result.stderr

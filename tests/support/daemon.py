@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +65,8 @@ PORT_ATTEMPTS = 50
 POSTMAP = "/usr/sbin/postmap"
 #: Environment variables that change how the daemon logs (journal format, syslog).
 _LOGGING_VARIABLES = ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")
+#: What the daemon logs once every listener accepts and the cache is open.
+_READY_LINE = re.compile(r"postfix-mtasts \S+ ready$")
 #: How the checkout's own daemon is started (with the checkout on PYTHONPATH).
 CHECKOUT_COMMAND = (sys.executable, "-m", "postfix_mtasts.cli")
 #: Sets LISTEN_PID to the daemon's own pid, as systemd does: the shell's pid
@@ -177,7 +180,6 @@ class Launch:
     command: Sequence[str] = CHECKOUT_COMMAND
     user: str = ""
     sockets: Sequence[tuple[str, socket.socket]] = ()
-    probe: tuple[str, str | int] | None = None
 
 
 class DaemonFailed(AssertionError):
@@ -188,12 +190,13 @@ class DaemonProcess:
     """One ``postfix-mtasts serve`` child with its config file and stderr."""
 
     def __init__(
-        self, reactor: Any, config_path: Path, probe: tuple[str, str | int], launch: Launch = Launch()
+        self, reactor: Any, config_path: Path, probe: tuple[str, str | int] | None, launch: Launch = Launch()
     ) -> None:
         self.reactor = reactor
         self.config_path = config_path
         self.launch = launch
-        #: ("inet", port) or ("unix", path): the listener polled for readiness.
+        #: ("inet", port) or ("unix", path): the listener polled for readiness;
+        #: None: wait for the daemon's "ready" line instead.
         self.probe = probe
         self._protocol = _ChildProtocol()
         self._transport: Any = None
@@ -216,7 +219,9 @@ class DaemonProcess:
         it until its first listener accepts; fails with its stderr if it exits."""
         config_path = directory / f"{name}.toml"
         config_path.write_text(config_text, encoding="utf-8")
-        daemon = cls(reactor, config_path, launch.probe or first_listener(config_text), launch)
+        # Sockets handed over accept before the daemon even runs: no probe for those.
+        probe = None if launch.sockets else first_listener(config_text)
+        daemon = cls(reactor, config_path, probe, launch)
         daemon.spawn(args)
         try:
             await daemon.wait_ready()
@@ -268,12 +273,16 @@ class DaemonProcess:
         return "\n".join(self.stderr_lines)
 
     async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Poll the listener until it accepts; fail if the daemon exits first."""
+        """Poll the listener until it accepts (without a probe: until the daemon
+        logs that it is ready); fail if the daemon exits first."""
         waited = 0.0
         while True:
             if self.exited is not None:
                 raise DaemonFailed(f"daemon exited ({self.exited}) before listening:\n{self.stderr_text()}")
-            if probe_accepts(self.probe):
+            if self.probe is None:
+                if any(_READY_LINE.search(line) for line in self.stderr_lines):
+                    return
+            elif probe_accepts(self.probe):
                 return
             if waited >= timeout:
                 self.kill_now()
