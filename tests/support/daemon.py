@@ -170,7 +170,9 @@ class Launch:
     """How a :class:`DaemonProcess` starts, when not as the checkout's module.
 
     ``command`` may be an installed ``postfix-mtasts``, which then gets no
-    PYTHONPATH (it must run its own code); ``user`` runs it as that user;
+    PYTHONPATH (it must run its own code); ``user`` runs it as that user
+    (its RUNTIME_DIRECTORY made theirs); ``state_directory`` is its
+    STATE_DIRECTORY (default: the configuration file's directory);
     ``sockets`` (FileDescriptorName, listening socket) are handed over as
     systemd's socket activation does: descriptors from 3 on, LISTEN_FDS,
     LISTEN_FDNAMES and LISTEN_PID. ``probe`` is polled for readiness when the
@@ -179,6 +181,7 @@ class Launch:
 
     command: Sequence[str] = CHECKOUT_COMMAND
     user: str = ""
+    state_directory: str = ""
     sockets: Sequence[tuple[str, socket.socket]] = ()
 
 
@@ -233,7 +236,8 @@ class DaemonProcess:
     def spawn(self, args: Sequence[str] = ()) -> None:
         launch = self.launch
         argv = [*launch.command, "serve", "--config", str(self.config_path), *args]
-        environment = daemon_environment(self.runtime_directory, str(self.config_path.parent))
+        state_directory = launch.state_directory or str(self.config_path.parent)
+        environment = daemon_environment(self.runtime_directory, state_directory)
         directory = PROJECT_ROOT
         if tuple(launch.command) != CHECKOUT_COMMAND:
             del environment["PYTHONPATH"]
