@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from postfix_mtasts import logsetup
 from postfix_mtasts.codec import socketmap
+from postfix_mtasts.doctor.maps import SHIPPED_SOCKET_UNITS
 from tests.conftest import require
 from tests.support.daemon import (
     LOOPBACK,
@@ -691,6 +692,12 @@ def test_systemd_units_say_what_the_daemon_does() -> None:
     unix_text = (SYSTEMD_DIRECTORY / "postfix-mtasts-unix.socket").read_text()
     assert f'socketmap = ["systemd:{unix_unit["FileDescriptorName"][0]}"]' in unix_text
     assert "smtp_tls_policy_maps = socketmap:unix:private/mtasts:postfix" in unix_text
+    # doctor suggests the main.cf table of each shipped socket unit.
+    relative = os.path.relpath(unix_unit["ListenStream"][0], "/var/spool/postfix")
+    assert SHIPPED_SOCKET_UNITS == {
+        socket_unit["FileDescriptorName"][0]: f"inet:{socket_unit['ListenStream'][0]}",
+        unix_unit["FileDescriptorName"][0]: f"unix:{relative}",
+    }
 
 
 #: Makes the kernel refuse writable+executable memory for this process, as
