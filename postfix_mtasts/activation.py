@@ -25,6 +25,8 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from postfix_mtasts.limits import INHERITED_SOCKET_FIRST_ACCEPTS
+
 
 class InheritedUnixPort(unix.Port):
     """A unix listener on a socket another process (systemd) bound and listens on."""
@@ -48,7 +50,7 @@ class InheritedUnixPort(unix.Port):
         self.connected = True
         self.socket = skt
         self.fileno = skt.fileno  # type: ignore[method-assign]
-        self.numberAccepts = 100
+        self.numberAccepts = INHERITED_SOCKET_FIRST_ACCEPTS
         self.startReading()  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure) -> None:
