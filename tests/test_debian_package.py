@@ -201,6 +201,27 @@ def readable_directory(prefix: str) -> Path:
     return directory
 
 
+# --- the sources, everywhere (no build) ----------------------------------------------------
+
+
+def test_the_changelog_names_the_version_of_the_code() -> None:
+    first = (Path(PROJECT_ROOT) / "debian" / "changelog").read_text().splitlines()[0]
+    assert first.startswith(f"{PACKAGE} ({__version__}) "), first
+
+
+def test_the_package_has_every_runtime_extra() -> None:
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(PROJECT_ROOT) / "setup.cfg")
+    runtime = set(setup["options.extras_require"]) - {"test"}
+    rules = (Path(PROJECT_ROOT) / "debian" / "rules").read_text()
+    packaged = re.search(r"^EXTRAS := (.*)$", rules, re.MULTILINE)
+
+    assert packaged is not None
+    assert set(packaged.group(1).split(",")) == runtime
+
+
 # --- what the package holds ----------------------------------------------------------------
 
 
