@@ -12,7 +12,9 @@ the postfix user) on a socket made as the installed unix socket unit says;
 The test installs and purges a system package, so it needs root, Debian's
 build tools, and a machine where postfix-mtasts is not installed already
 (it never touches an existing installation): it skips otherwise, and fails
-under MTASTS_REQUIRE_ALL=1.
+under MTASTS_REQUIRE_ALL=1. Two checks of the sources need none of that and
+run everywhere: debian/changelog names the code's version, debian/rules
+packages every runtime extra of setup.cfg.
 """
 
 from __future__ import annotations
