@@ -981,7 +981,9 @@ def inherited_descriptor(address: ListenAddress, listen_environment: Mapping[str
         if fd is None:
             names = ", ".join(sorted(named)) or "none"
             raise StartupError(
-                f"{address}: systemd passed no socket named {address.systemd_name!r} (names passed: {names})"
+                f"{address}: systemd passed no socket named {address.systemd_name!r} (names passed: "
+                f"{names}); start the .socket unit with FileDescriptorName={address.systemd_name}, "
+                "then restart the service"
             )
         return fd
     index = address.systemd_index or 0

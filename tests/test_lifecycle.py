@@ -346,6 +346,7 @@ async def test_sockets_meant_for_another_process_are_refused_in_one_line(
         errors = [line for line in child.lines if "ERROR" in line]
         assert errors and len(errors) == 1, child.text()
         assert "systemd passed no socket named 'socketmap'" in errors[0]
+        assert "start the .socket unit with FileDescriptorName=socketmap" in errors[0]
         assert "Traceback" not in child.text()
     finally:
         await child.close()
