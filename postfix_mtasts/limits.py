@@ -17,6 +17,10 @@ TCP_TABLE_IDLE_TIMEOUT = 60.0
 #: its socketmap connections open for reuse; it reconnects when we close them.
 SOCKETMAP_IDLE_TIMEOUT = 300.0
 
+#: Connections a listener accepts per reactor turn to begin with (Twisted adapts
+#: it to the load), for a unix socket passed by systemd: what Twisted's own ports start at.
+INHERITED_SOCKET_FIRST_ACCEPTS = 100
+
 # --- RFC 8461 ---------------------------------------------------------------
 #: Largest max_age RFC 8461 §3.2 allows (about one year). Larger values are
 #: clamped to this; see policy.policyfile.

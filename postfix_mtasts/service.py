@@ -23,12 +23,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
 from postfix_mtasts import __version__
+from postfix_mtasts.activation import adopted_stream_endpoint
 from postfix_mtasts.cache import IPolicyStore, Source
 from postfix_mtasts.config import Config, ConfigError, ListenAddress, ReportsConfig, load_config
 from postfix_mtasts.errors import ReloadRefused, StartupError, one_line
@@ -964,7 +965,7 @@ def server_endpoint(reactor: Any, address: ListenAddress, listen_environment: Ma
     sock.detach()  # the descriptor stays open: Twisted adopts (duplicates) it
     if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
         raise StartupError(f"{address}: the socket systemd passed is not a stream socket (use ListenStream=)")
-    return AdoptedStreamServerEndpoint(reactor, fd, family)  # type: ignore[no-untyped-call]
+    return adopted_stream_endpoint(reactor, fd, family)
 
 
 def inherited_descriptor(address: ListenAddress, listen_environment: Mapping[str, str]) -> int:
@@ -980,7 +981,9 @@ def inherited_descriptor(address: ListenAddress, listen_environment: Mapping[str
         if fd is None:
             names = ", ".join(sorted(named)) or "none"
             raise StartupError(
-                f"{address}: systemd passed no socket named {address.systemd_name!r} (names passed: {names})"
+                f"{address}: systemd passed no socket named {address.systemd_name!r} (names passed: "
+                f"{names}); start the .socket unit with FileDescriptorName={address.systemd_name}, "
+                "then restart the service"
             )
         return fd
     index = address.systemd_index or 0

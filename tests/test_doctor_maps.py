@@ -217,6 +217,19 @@ MAP_CASES = [
         id="systemd-socket",
     ),
     pytest.param(
+        "hash:/x",
+        '[listen]\nsocketmap = ["systemd:socketmap-unix"]\n',
+        [
+            Expect(
+                Level.ERROR,
+                Topic.POLICY_MAPS,
+                "names no table",
+                "hash:/x, socketmap:unix:private/mtasts:postfix",
+            )
+        ],
+        id="suggests-the-unix-socket-unit",
+    ),
+    pytest.param(
         "socketmap:inet:127.0.0.1:8461",
         "",
         [Expect(Level.ERROR, Topic.POLICY_MAPS, "is not socketmap:inet:HOST:PORT:NAME", f"= {DAEMON}")],

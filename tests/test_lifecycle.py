@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from postfix_mtasts import logsetup
 from postfix_mtasts.codec import socketmap
+from postfix_mtasts.doctor.maps import SHIPPED_SOCKET_UNITS
 from tests.conftest import require
 from tests.support.daemon import (
     LOOPBACK,
@@ -299,6 +300,41 @@ async def test_socket_activation_serves_the_socket_systemd_passes(
 
 
 @ensure_deferred
+async def test_a_unix_socket_from_systemd_serves_across_restarts_as_the_unit_made_it(
+    tmp_path: Path, dns: DnsServer
+) -> None:
+    # What postfix-mtasts-unix.socket does: systemd binds the path with the
+    # unit's mode and keeps the socket while the service stops and starts.
+    directory = tempfile.mkdtemp(prefix="mtasts-sd-")
+    path = f"{directory}/mtasts"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o660)
+    listener.listen(16)
+    config = write_config(tmp_path, dns, ["systemd:socketmap-unix"])
+    try:
+        for start in ("first", "second"):
+            child = Child.spawn(
+                config,
+                environment={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "socketmap-unix"},
+                pid_variables=("LISTEN_PID",),
+                inherit={3: listener.fileno()},
+            )
+            try:
+                await child.until_line("ready")
+                status, _ = await socketmap_lookup(reactor(), f"unix:{path}", "postfix", f"{start}.example")
+                assert status == "NOTFOUND", child.text()
+                child.send(signal.SIGTERM)
+                assert await child.exit_code() == 0, child.text()
+            finally:
+                await child.close()
+            assert os.stat(path).st_mode & 0o7777 == 0o660, start
+    finally:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@ensure_deferred
 async def test_sockets_meant_for_another_process_are_refused_in_one_line(
     tmp_path: Path, dns: DnsServer
 ) -> None:
@@ -310,6 +346,7 @@ async def test_sockets_meant_for_another_process_are_refused_in_one_line(
         errors = [line for line in child.lines if "ERROR" in line]
         assert errors and len(errors) == 1, child.text()
         assert "systemd passed no socket named 'socketmap'" in errors[0]
+        assert "start the .socket unit with FileDescriptorName=socketmap" in errors[0]
         assert "Traceback" not in child.text()
     finally:
         await child.close()
@@ -598,6 +635,12 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
     return settings
 
 
+#: Every unit the checkout ships (and the Debian package installs).
+UNITS = ("postfix-mtasts.service", "postfix-mtasts.socket", "postfix-mtasts-unix.socket")
+#: Where the service's ExecStart= expects the command: the Debian package's link.
+PACKAGED_COMMAND = "/usr/bin/postfix-mtasts"
+
+
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     require("systemd-analyze", analyze is not None)
@@ -605,14 +648,14 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     installed = Path(sys.executable).parent / "postfix-mtasts"
     binary = installed if installed.exists() else Path(sys.executable)
     service = (SYSTEMD_DIRECTORY / "postfix-mtasts.service").read_text()
-    assert "ExecStart=/usr/local/bin/postfix-mtasts serve" in service
-    runnable = service.replace("/usr/local/bin/postfix-mtasts", str(binary))
-    (tmp_path / "postfix-mtasts.service").write_text(runnable)
-    shutil.copy(SYSTEMD_DIRECTORY / "postfix-mtasts.socket", tmp_path / "postfix-mtasts.socket")
+    assert f"ExecStart={PACKAGED_COMMAND} serve" in service
+    # verify insists that ExecStart= exists; the package may not be installed here.
+    (tmp_path / "postfix-mtasts.service").write_text(service.replace(PACKAGED_COMMAND, str(binary)))
+    for unit in UNITS[1:]:
+        shutil.copy(SYSTEMD_DIRECTORY / unit, tmp_path / unit)
 
     result = subprocess.run(
-        [analyze, "verify", "postfix-mtasts.service", "postfix-mtasts.socket"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [analyze, "verify", *UNITS], cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
 
     assert result.returncode == 0, result.stderr
@@ -622,6 +665,7 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_systemd_units_say_what_the_daemon_does() -> None:
     service = unit_settings(SYSTEMD_DIRECTORY / "postfix-mtasts.service")
     socket_unit = unit_settings(SYSTEMD_DIRECTORY / "postfix-mtasts.socket")
+    unix_unit = unit_settings(SYSTEMD_DIRECTORY / "postfix-mtasts-unix.socket")
 
     expected = {
         "Type": ["notify"], "NotifyAccess": ["main"], "WatchdogSec": ["30"], "Restart": ["on-failure"],
@@ -635,9 +679,26 @@ def test_systemd_units_say_what_the_daemon_does() -> None:
     }
     for key, value in expected.items():
         assert service.get(key) == value, key
+    # The sandbox stays whole: the unix socket comes from systemd, not a writable path.
+    assert "ReadWritePaths" not in service
     assert socket_unit["ListenStream"] == ["127.0.0.1:8461"]
     assert socket_unit["FileDescriptorName"] == ["socketmap"]
     assert 'socketmap = ["systemd:socketmap"]' in (SYSTEMD_DIRECTORY / "postfix-mtasts.socket").read_text()
+    # Postfix (user postfix) may connect; the daemon's dynamic user never needs the path.
+    assert unix_unit["ListenStream"] == ["/var/spool/postfix/private/mtasts"]
+    assert (unix_unit["SocketUser"], unix_unit["SocketGroup"], unix_unit["SocketMode"]) == (
+        ["postfix"], ["postfix"], ["0660"],
+    )
+    assert unix_unit["Service"] == socket_unit["Service"] == ["postfix-mtasts.service"]
+    unix_text = (SYSTEMD_DIRECTORY / "postfix-mtasts-unix.socket").read_text()
+    assert f'socketmap = ["systemd:{unix_unit["FileDescriptorName"][0]}"]' in unix_text
+    assert "smtp_tls_policy_maps = socketmap:unix:private/mtasts:postfix" in unix_text
+    # doctor suggests the main.cf table of each shipped socket unit.
+    relative = os.path.relpath(unix_unit["ListenStream"][0], "/var/spool/postfix")
+    assert SHIPPED_SOCKET_UNITS == {
+        socket_unit["FileDescriptorName"][0]: f"inet:{socket_unit['ListenStream'][0]}",
+        unix_unit["FileDescriptorName"][0]: f"unix:{relative}",
+    }
 
 
 #: Makes the kernel refuse writable+executable memory for this process, as

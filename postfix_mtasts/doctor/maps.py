@@ -33,6 +33,10 @@ TCP_TABLE_PROFILE = DEFAULT_PROFILE
 #: Addresses a listener on every interface answers at.
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
 _LOOPBACK_NAMES = {"localhost": ("127.0.0.1", "::1")}
+#: Where the shipped .socket units (systemd/) listen, by FileDescriptorName=, as
+#: main.cf names them: postfix-mtasts.socket, and postfix-mtasts-unix.socket in
+#: the queue directory (a path relative to it).
+SHIPPED_SOCKET_UNITS = {"socketmap": DEFAULT_SOCKETMAP_ADDRESS, "socketmap-unix": "unix:private/mtasts"}
 #: Where a client on this host reaches a listener on every interface.
 _WILDCARD_CLIENT = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
@@ -125,6 +129,8 @@ def daemon_tables(tables: Sequence[TableRef], config: Config, view: PostfixView)
 def suggested_table(config: Config, view: PostfixView) -> str:
     """The table main.cf should name for this daemon's first listener."""
     for address in config.listen.socketmap:
+        if address.kind == "systemd" and address.systemd_name in SHIPPED_SOCKET_UNITS:
+            return f"socketmap:{SHIPPED_SOCKET_UNITS[address.systemd_name]}:{DEFAULT_PROFILE}"
         if address.kind == "inet":
             return f"socketmap:inet:{_client_host(address.host)}:{address.port}:{DEFAULT_PROFILE}"
         if address.kind == "unix":

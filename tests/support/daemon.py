@@ -15,7 +15,9 @@ Usage::
 from __future__ import annotations
 
 import os
+import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -63,6 +65,13 @@ PORT_ATTEMPTS = 50
 POSTMAP = "/usr/sbin/postmap"
 #: Environment variables that change how the daemon logs (journal format, syslog).
 _LOGGING_VARIABLES = ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")
+#: What the daemon logs once every listener accepts and the cache is open.
+_READY_LINE = re.compile(r"postfix-mtasts \S+ ready$")
+#: How the checkout's own daemon is started (with the checkout on PYTHONPATH).
+CHECKOUT_COMMAND = (sys.executable, "-m", "postfix_mtasts.cli")
+#: Sets LISTEN_PID to the daemon's own pid, as systemd does: the shell's pid
+#: is the daemon's once it execs.
+_LISTEN_PID_SHELL = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 #: systemd's directory variables; the tests point them at private directories so
 #: that defaults (control socket, SQLite file) never land in /run or /var/lib.
 _DIRECTORY_VARIABLES = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY")
@@ -156,6 +165,26 @@ class _ChildProtocol(ProcessProtocol):
         return waiter
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How a :class:`DaemonProcess` starts, when not as the checkout's module.
+
+    ``command`` may be an installed ``postfix-mtasts``, which then gets no
+    PYTHONPATH (it must run its own code); ``user`` runs it as that user
+    (its RUNTIME_DIRECTORY made theirs); ``state_directory`` is its
+    STATE_DIRECTORY (default: the configuration file's directory);
+    ``sockets`` (FileDescriptorName, listening socket) are handed over as
+    systemd's socket activation does: descriptors from 3 on, LISTEN_FDS,
+    LISTEN_FDNAMES and LISTEN_PID. ``probe`` is polled for readiness when the
+    configuration names only ``systemd:`` listeners.
+    """
+
+    command: Sequence[str] = CHECKOUT_COMMAND
+    user: str = ""
+    state_directory: str = ""
+    sockets: Sequence[tuple[str, socket.socket]] = ()
+
+
 class DaemonFailed(AssertionError):
     """The daemon did not start, or did not stop the way the test expected."""
 
@@ -163,10 +192,14 @@ class DaemonFailed(AssertionError):
 class DaemonProcess:
     """One ``postfix-mtasts serve`` child with its config file and stderr."""
 
-    def __init__(self, reactor: Any, config_path: Path, probe: tuple[str, str | int]) -> None:
+    def __init__(
+        self, reactor: Any, config_path: Path, probe: tuple[str, str | int] | None, launch: Launch = Launch()
+    ) -> None:
         self.reactor = reactor
         self.config_path = config_path
-        #: ("inet", port) or ("unix", path): the listener polled for readiness.
+        self.launch = launch
+        #: ("inet", port) or ("unix", path): the listener polled for readiness;
+        #: None: wait for the daemon's "ready" line instead.
         self.probe = probe
         self._protocol = _ChildProtocol()
         self._transport: Any = None
@@ -183,12 +216,15 @@ class DaemonProcess:
         *,
         name: str = "daemon",
         args: Sequence[str] = (),
+        launch: Launch = Launch(),
     ) -> DaemonProcess:
         """Write ``config_text`` to ``directory/NAME.toml`` and run the daemon on
         it until its first listener accepts; fails with its stderr if it exits."""
         config_path = directory / f"{name}.toml"
         config_path.write_text(config_text, encoding="utf-8")
-        daemon = cls(reactor, config_path, first_listener(config_text))
+        # Sockets handed over accept before the daemon even runs: no probe for those.
+        probe = None if launch.sockets else first_listener(config_text)
+        daemon = cls(reactor, config_path, probe, launch)
         daemon.spawn(args)
         try:
             await daemon.wait_ready()
@@ -198,10 +234,29 @@ class DaemonProcess:
         return daemon
 
     def spawn(self, args: Sequence[str] = ()) -> None:
-        argv = [sys.executable, "-m", "postfix_mtasts.cli", "serve", "--config", str(self.config_path), *args]
-        environment = daemon_environment(self.runtime_directory, str(self.config_path.parent))
+        launch = self.launch
+        argv = [*launch.command, "serve", "--config", str(self.config_path), *args]
+        state_directory = launch.state_directory or str(self.config_path.parent)
+        environment = daemon_environment(self.runtime_directory, state_directory)
+        directory = PROJECT_ROOT
+        if tuple(launch.command) != CHECKOUT_COMMAND:
+            del environment["PYTHONPATH"]
+            directory = "/"
+        descriptors: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        if launch.sockets:
+            environment["LISTEN_FDS"] = str(len(launch.sockets))
+            environment["LISTEN_FDNAMES"] = ":".join(name for name, _ in launch.sockets)
+            for index, (_, listener) in enumerate(launch.sockets):
+                descriptors[3 + index] = listener.fileno()
+            argv = ["/bin/sh", "-c", _LISTEN_PID_SHELL, "sh", *argv]
+        uid = gid = None
+        if launch.user:
+            entry = pwd.getpwnam(launch.user)
+            uid, gid = entry.pw_uid, entry.pw_gid
+            os.chown(self.runtime_directory, uid, gid)
         self._transport = self.reactor.spawnProcess(
-            self._protocol, sys.executable, argv, env=environment, path=PROJECT_ROOT
+            self._protocol, argv[0], argv, env=environment, path=directory, childFDs=descriptors,
+            uid=uid, gid=gid,
         )
 
     @property
@@ -222,12 +277,16 @@ class DaemonProcess:
         return "\n".join(self.stderr_lines)
 
     async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Poll the listener until it accepts; fail if the daemon exits first."""
+        """Poll the listener until it accepts (without a probe: until the daemon
+        logs that it is ready); fail if the daemon exits first."""
         waited = 0.0
         while True:
             if self.exited is not None:
                 raise DaemonFailed(f"daemon exited ({self.exited}) before listening:\n{self.stderr_text()}")
-            if probe_accepts(self.probe):
+            if self.probe is None:
+                if any(_READY_LINE.search(line) for line in self.stderr_lines):
+                    return
+            elif probe_accepts(self.probe):
                 return
             if waited >= timeout:
                 self.kill_now()
