@@ -3,12 +3,18 @@
 The benchmark starts the real daemon on the file afterwards to measure its
 resident memory per cached policy and its time to first answer. Every
 policy differs (its own MX names, id and text), the worst case for memory.
+``bench/startup.py`` also writes the same entries into a Redis key prefix or
+a PostgreSQL schema (a fleet's shared store in steady state: what the local
+copy holds, the store holds too).
 
     python bench/fill_cache.py PATH COUNT
+    python bench/fill_cache.py PATH COUNT --redis URL --key-prefix PREFIX --now SECONDS
+    python bench/fill_cache.py PATH COUNT --postgresql DSN --schema SCHEMA
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
@@ -49,24 +55,50 @@ def make_entries(start: int, stop: int, now: float) -> list[object]:
     return entries
 
 
-async def fill(reactor: object, path: str, count: int) -> None:
+def open_stores(reactor: object, args: argparse.Namespace) -> list[Any]:
+    """The SQLite file, and the shared store when one is named (unopened)."""
     from postfix_mtasts.cache.sqlite import SqliteStore
 
-    store = SqliteStore(reactor, path)  # type: ignore[arg-type]
-    await store.open()
-    now = time.time()
-    try:
-        for start in range(0, count, BATCH):
-            await store.put_many(make_entries(start, min(count, start + BATCH), now))  # type: ignore[arg-type]
-        stored = await store.count()
-        if stored != count:
-            raise SystemExit(f"fill_cache: {path} holds {stored} entries, expected {count}")
-    finally:
-        await store.close()
+    stores: list[Any] = [SqliteStore(reactor, args.path)]  # type: ignore[arg-type]
+    if args.redis:
+        from postfix_mtasts.cache.redis import RedisStore
+
+        stores.append(RedisStore(args.redis, key_prefix=args.key_prefix))
+    if args.postgresql:
+        from postfix_mtasts.cache.postgresql import PostgresqlStore
+
+        stores.append(PostgresqlStore(args.postgresql, schema=args.schema))
+    return stores
+
+
+async def fill(reactor: object, args: argparse.Namespace) -> None:
+    now = args.now if args.now is not None else time.time()
+    for store in open_stores(reactor, args):
+        await store.open()
+        try:
+            for start in range(0, args.count, BATCH):
+                await store.put_many(make_entries(start, min(args.count, start + BATCH), now))
+            stored = await store.count()
+            if stored != args.count:
+                raise SystemExit(f"fill_cache: {store.name} holds {stored} entries, expected {args.count}")
+        finally:
+            await store.close()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="the SQLite file (the daemon's cache, or its local copy)")
+    parser.add_argument("count", type=int, help="policies to write")
+    parser.add_argument("--redis", default="", help="also fill this Redis (URL) under --key-prefix")
+    parser.add_argument("--key-prefix", default="mtasts:")
+    parser.add_argument("--postgresql", default="", help="also fill this PostgreSQL (DSN) in --schema")
+    parser.add_argument("--schema", default="mtasts")
+    parser.add_argument("--now", type=float, help="the entries' fetch time (default: now)")
+    return parser.parse_args(argv)
 
 
 def main() -> int:
-    path, count = sys.argv[1], int(sys.argv[2])
+    args = parse(sys.argv[1:])
     from twisted.internet import asyncioreactor
 
     asyncioreactor.install(asyncio.new_event_loop())  # type: ignore[no-untyped-call]
@@ -78,7 +110,7 @@ def main() -> int:
     outcome: dict[str, object] = {}
 
     def start() -> None:
-        d = Deferred.fromCoroutine(fill(reactor, path, count))
+        d = Deferred.fromCoroutine(fill(reactor, args))
         d.addErrback(lambda f: outcome.setdefault("error", f.getErrorMessage()))
         d.addBoth(lambda _: reactor.stop())
 

@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 #: Connections Postfix would typically hold open to a busy policy map.
@@ -102,12 +102,14 @@ def run_closed_loop(
     total: int | None = None,
     host: str = "127.0.0.1",
     name: bytes = MAP_NAME,
+    on_reply: Callable[[int, bytes, int], None] | None = None,
 ) -> PhaseResult:
     """Ask ``keys`` in order (cycling) over ``connections`` closed-loop connections.
 
     Stops after ``seconds`` (requests in flight are still waited for) or after
     exactly ``total`` requests, whichever is given. Latency is measured from
-    the write of a request to the arrival of its complete reply.
+    the write of a request to the arrival of its complete reply. ``on_reply``,
+    if given, is called with each reply's key index, payload and latency (ns).
     """
     if (seconds is None) == (total is None):
         raise ValueError("give exactly one of seconds or total")
@@ -125,6 +127,7 @@ def run_closed_loop(
     fds = {sock.fileno(): index for index, sock in enumerate(socks)}
     buffers = [b""] * connections
     sent_at = [0] * connections
+    sent_key = [0] * connections
     latencies: list[int] = []
     record = latencies.append
     statuses: Counter[bytes] = Counter()
@@ -142,6 +145,7 @@ def run_closed_loop(
     def send(index: int) -> None:
         nonlocal next_key, issued, in_flight
         request = requests[next_key]
+        sent_key[index] = next_key
         next_key += 1
         if next_key == count:
             next_key = 0
@@ -185,6 +189,8 @@ def run_closed_loop(
                     buffers[index] = buffer
                     continue
                 record(now - sent_at[index])
+                if on_reply is not None:
+                    on_reply(sent_key[index], buffer[colon + 1 : end], now - sent_at[index])
                 space = buffer.find(b" ", colon + 1, end)
                 statuses[buffer[colon + 1 : space if space >= 0 else end]] += 1
                 buffers[index] = buffer[end + 1 :]
