@@ -1,7 +1,9 @@
 #!/bin/sh
 # The benchmark in one command; see bench/README.rst. Run as root (network
 # namespace, ports 53 and 443 inside it). Arguments go to bench/bench.py,
-# e.g. --quick, --profile, --no-peer.
+# e.g. --quick, --profile, --no-peer. --startup adds bench/startup.py after
+# the main run: start-up time and lookups during a shared-store outage, on this
+# host's loopback with its Redis and PostgreSQL (--quick: 3 runs of each).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -25,4 +27,18 @@ case " $* " in
         [ -x .venv/bin/py-spy ] || .venv/bin/python -m pip install --quiet py-spy ;;
 esac
 
-exec .venv/bin/python bench/bench.py "$@"
+startup=""
+quick=""
+for arg in "$@"; do
+    shift
+    case "$arg" in
+        --startup) startup=1 ;;
+        *) [ "$arg" = "--quick" ] && quick="--quick"; set -- "$@" "$arg" ;;
+    esac
+done
+
+if [ -z "$startup" ]; then
+    exec .venv/bin/python bench/bench.py "$@"
+fi
+.venv/bin/python bench/bench.py "$@"
+exec .venv/bin/python bench/startup.py $quick

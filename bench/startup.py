@@ -5,13 +5,14 @@ to notify a datagram socket of this script (``NOTIFY_SOCKET``, as systemd
 does)::
 
     bench/run.sh --startup                   # after the main run
-    .venv/bin/python bench/startup.py        # alone, about 10 minutes
+    .venv/bin/python bench/startup.py        # alone, about 6 minutes
+    .venv/bin/python bench/startup.py --quick  # 3 runs each, about 4 minutes
     .venv/bin/python bench/startup.py --runs 3 --backends sqlite,redis
 
 1. **Start-up.** For each backend (sqlite, redis, postgresql), each state of
    the shared store (up; down: a loopback port that refuses connections, and
-   one whose listener accepts but never answers, so ``[cache] open_deadline``
-   bounds the wait) and a local copy holding 0 or ``--cached`` policies: the
+   one whose listener accepts but never answers, so only a timeout ends the
+   wait for it) and a local copy holding 0 or ``--cached`` policies: the
    wall time from spawn to READY=1, and to the first answered socketmap
    lookup (a probe connects from the spawn on; it asks a cached domain, or
    with an empty cache a domain without MTA-STS, which costs a DNS query).
@@ -84,6 +85,7 @@ REFUSED = "down: refused"
 SILENT = "down: no answer"
 #: Runs of each start-up configuration.
 DEFAULT_RUNS = 5
+QUICK_RUNS = 3
 #: Policies in the local copy (and the store, when up) for the "cached" runs.
 DEFAULT_CACHED = 10_000
 #: Lookups fired during the outage (and before it, as the reference).
@@ -500,32 +502,39 @@ def start_once(ctx: Context, backend: str, state: str, count: int, run: int) -> 
 
 
 def run_startup(ctx: Context, backends: Sequence[str]) -> list[dict[str, Any]]:
+    """Every configuration ``--runs`` times, one run of each in turn (so that load
+    from elsewhere on the machine falls on all of them alike)."""
+    configurations = [
+        (backend, state, count)
+        for backend in backends
+        for state in ((UP, REFUSED, SILENT) if backend in SHARED else (UP,))
+        for count in (0, ctx.args.cached)
+    ]
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {c: [] for c in configurations}
+    for run in range(ctx.args.runs):
+        log(f"start-up run {run + 1} of {ctx.args.runs}: {len(configurations)} configurations")
+        for backend, state, count in configurations:
+            runs[backend, state, count].append(start_once(ctx, backend, state, count, run))
     rows: list[dict[str, Any]] = []
-    for backend in backends:
-        states = (UP, REFUSED, SILENT) if backend in SHARED else (UP,)
-        for state in states:
-            for count in (0, ctx.args.cached):
-                runs = [start_once(ctx, backend, state, count, run) for run in range(ctx.args.runs)]
-                row = {
-                    "backend": backend,
-                    "store": state,
-                    "cached": count,
-                    "runs": len(runs),
-                    "ready_s": summary([r["ready_s"] for r in runs]),
-                    "first_answer_s": summary([r["first_answer_s"] for r in runs]),
-                    "listening_s": summary([r["listening_s"] for r in runs]),
-                    "first_reply": runs[0]["first_reply"],
-                    "down_lines": [r["down_lines"] for r in runs],
-                    "each": [
-                        {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in runs
-                    ],
-                }
-                rows.append(row)
-                log(
-                    f"start-up {backend}, store {state}, {count:,} cached: READY median "
-                    f"{row['ready_s']['median']:.3f} s, first answer {row['first_answer_s']['median']:.3f} s "
-                    f"({row['first_reply'][:30]}), unavailable lines {row['down_lines']}"
-                )
+    for (backend, state, count), each in runs.items():
+        row = {
+            "backend": backend,
+            "store": state,
+            "cached": count,
+            "runs": len(each),
+            "ready_s": summary([r["ready_s"] for r in each]),
+            "first_answer_s": summary([r["first_answer_s"] for r in each]),
+            "listening_s": summary([r["listening_s"] for r in each]),
+            "first_reply": each[0]["first_reply"],
+            "down_lines": [r["down_lines"] for r in each],
+            "each": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in each],
+        }
+        rows.append(row)
+        log(
+            f"start-up {backend}, store {state}, {count:,} cached: READY median "
+            f"{row['ready_s']['median']:.3f} s, first answer {row['first_answer_s']['median']:.3f} s "
+            f"({row['first_reply'][:30]}), unavailable lines {row['down_lines']}"
+        )
     return rows
 
 
@@ -693,7 +702,8 @@ def report(results: dict[str, Any]) -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="runs of each start-up configuration")
+    parser.add_argument("--runs", type=int, help=f"runs of each configuration (default {DEFAULT_RUNS})")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_RUNS} runs of each configuration")
     parser.add_argument("--cached", type=int, default=DEFAULT_CACHED, help="policies in the cached runs")
     parser.add_argument("--lookups", type=int, default=DEFAULT_LOOKUPS, help="lookups during the outage")
     parser.add_argument("--connections", type=int, default=loadgen.DEFAULT_CONNECTIONS)
@@ -704,6 +714,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-startup", action="store_true", help="only the outage")
     parser.add_argument("--no-outage", action="store_true", help="only the start-up")
     args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = QUICK_RUNS if args.quick else DEFAULT_RUNS
     args.backends = [b for b in args.backends.split(",") if b]
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:
