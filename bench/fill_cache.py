@@ -22,6 +22,9 @@ from typing import Any
 
 #: Entries written per transaction.
 BATCH = 20_000
+#: Seconds one batch may take in a shared store: a bulk load, not a lookup, on
+#: a machine that may be busy (the stores' own default is meant for lookups).
+SHARED_BATCH_TIMEOUT = 120.0
 #: Seconds the prepared policies stay in force (a week, a common max_age).
 MAX_AGE = 604_800
 
@@ -63,11 +66,11 @@ def open_stores(reactor: object, args: argparse.Namespace) -> list[Any]:
     if args.redis:
         from postfix_mtasts.cache.redis import RedisStore
 
-        stores.append(RedisStore(args.redis, key_prefix=args.key_prefix))
+        stores.append(RedisStore(args.redis, key_prefix=args.key_prefix, op_timeout=SHARED_BATCH_TIMEOUT))
     if args.postgresql:
         from postfix_mtasts.cache.postgresql import PostgresqlStore
 
-        stores.append(PostgresqlStore(args.postgresql, schema=args.schema))
+        stores.append(PostgresqlStore(args.postgresql, schema=args.schema, op_timeout=SHARED_BATCH_TIMEOUT))
     return stores
 
 
