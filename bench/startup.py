@@ -93,7 +93,8 @@ DEFAULT_LOOKUPS = 10_000
 #: One lookup in this many during the outage asks a domain the daemon never saw
 #: (alternately with and without MTA-STS).
 UNCACHED_EVERY = 25
-#: Policy domains the world serves (bench/world.py issues one certificate each).
+#: Fewest policy domains the world serves (bench/world.py issues one certificate
+#: each); more when the lookups before and during the outage need more.
 WORLD_POLICIES = 400
 #: Seconds a daemon may take to send READY=1 and answer, before the run gives up.
 READY_LIMIT = 60.0
@@ -541,16 +542,21 @@ def run_startup(ctx: Context, backends: Sequence[str]) -> list[dict[str, Any]]:
 # --- 2. lookups during an outage --------------------------------------------
 
 
-def outage_keys(count: int, lookups: int) -> tuple[list[bytes], list[str]]:
-    """Keys for the outage, and the class of each: cached domains, with every
-    ``UNCACHED_EVERY``-th a domain never seen, alternately with and without MTA-STS."""
+def new_domains(lookups: int) -> int:
+    """Domains never seen, of each kind, among ``lookups`` keys of :func:`outage_keys`."""
+    return (lookups // UNCACHED_EVERY + 1) // 2
+
+
+def outage_keys(count: int, lookups: int, first_new: int) -> tuple[list[bytes], list[str]]:
+    """Keys and the class of each: cached domains, with every ``UNCACHED_EVERY``-th
+    a domain never seen (numbered from ``first_new``), alternately with and without MTA-STS."""
     keys: list[bytes] = []
     classes: list[str] = []
-    new_policy = new_plain = 0
+    new_policy = new_plain = first_new
     for index in range(lookups):
         if index % UNCACHED_EVERY == UNCACHED_EVERY - 1:
             if (index // UNCACHED_EVERY) % 2 == 0:
-                keys.append(world_module.policy_domain(new_policy % WORLD_POLICIES).encode())
+                keys.append(world_module.policy_domain(new_policy).encode())
                 classes.append("new, MTA-STS")
                 new_policy += 1
             else:
@@ -611,13 +617,13 @@ def run_outage(ctx: Context, backend: str) -> dict[str, Any]:
         config = daemon_config(config_path, port, backend, cache_path, section, ctx.world, deadline)
         daemon = Daemon(work, config, os.path.join(RESULTS, f"startup-outage-{backend}.log"))
         daemon.watch_start(port, cached_domain(0).encode())
-        reference_keys = [cached_domain(i % args.cached).encode() for i in range(args.lookups)]
-        reference = fire(port, reference_keys, ["cached"] * len(reference_keys), args.connections)
+        # The same mix before the cut, with other new domains: the reference.
+        reference = fire(port, *outage_keys(args.cached, args.lookups, 0), args.connections)
         log(
-            f"outage {backend}: store up, {reference['lookups']:,} cached lookups, "
-            f"p50 {reference['p50_ms']} ms, p99 {reference['p99_ms']} ms"
+            f"outage {backend}: store up, {reference['lookups']:,} lookups: "
+            + "; ".join(f"{name} {c['answers']}" for name, c in reference["by_class"].items())
         )
-        keys, classes = outage_keys(args.cached, args.lookups)
+        keys, classes = outage_keys(args.cached, args.lookups, new_domains(args.lookups))
         offset = daemon.log_size()
         proxy.cut()
         cut_at = time.monotonic()
@@ -664,10 +670,14 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         f"postfix-mtasts start-up and store outages at {results['machine']['commit'][:10]} "
         f"({results['machine']['nproc']} CPUs, {results['machine']['cpu']}; shared with other work)",
-        "",
-        f"Start-up, seconds from spawn, median of {results['runs']} [min-max]",
-        f"{'backend':<11}{'store':<17}{'cached':>8}  {'to READY=1':<24}{'to first answer':<24}first reply",
     ]
+    if results.get("startup"):
+        lines += [
+            "",
+            f"Start-up, seconds from spawn, median of {results['runs']} [min-max]",
+            f"{'backend':<11}{'store':<17}{'cached':>8}  {'to READY=1':<24}{'to first answer':<24}"
+            "first reply",
+        ]
     for row in results.get("startup", []):
         ready, first = row["ready_s"], row["first_answer_s"]
         lines.append(
@@ -680,21 +690,26 @@ def report(results: dict[str, Any]) -> str:
         ref, out = doc["reference"], doc["outage"]
         lines += [
             "",
-            f"Outage, {backend}: {out['lookups']:,} lookups over {results['connections']} connections "
-            f"with the store cut ({out['outage_s']:.1f} s), {ref['lookups']:,} with it up before",
-            f"  store up:  p50 {ref['p50_ms']:.3f} ms  p99 {ref['p99_ms']:.3f} ms  "
-            f"answers {ref['by_class']['cached']['answers']}",
+            f"Outage, {backend}: {ref['lookups']:,} lookups over {results['connections']} connections "
+            f"with the store up, then {out['lookups']:,} with it cut ({out['outage_s']:.1f} s)",
         ]
-        for name, c in out["by_class"].items():
+        for phase, doc_phase in (("store up", ref), ("store cut", out)):
             lines.append(
-                f"  store cut, {name:<16} {c['lookups']:>6,}  p50 {c['p50_ms']:8.3f} ms  "
-                f"p99 {c['p99_ms']:8.3f} ms  answers {c['answers']}"
+                f"  {phase:<10}{'all':<17}{doc_phase['lookups']:>7,}  p50 {doc_phase['p50_ms']:8.3f} ms  "
+                f"p99 {doc_phase['p99_ms']:8.3f} ms  {doc_phase['lookups_per_s']:,.0f} lookups/s"
             )
+            for name, c in doc_phase["by_class"].items():
+                lines.append(
+                    f"  {'':<10}{name:<17}{c['lookups']:>7,}  p50 {c['p50_ms']:8.3f} ms  "
+                    f"p99 {c['p99_ms']:8.3f} ms  answers {c['answers']}"
+                )
         back = out["back_after_restore_s"]
+        others = len(out["log_lines"]) - out["store_lines"]
         lines.append(
-            f"  log from the cut on: {len(out['log_lines'])} lines ({out['store_lines']} about the store: "
-            f"{out['down_lines']} unavailable, {out['back_lines']} back, "
-            f"{'never' if back is None else f'{back:.1f} s after the restore'}); the rest one per new domain:"
+            f"  log from the cut on: {out['store_lines']} lines about the store ({out['down_lines']} "
+            f"unavailable, {out['back_lines']} back, "
+            f"{'never' if back is None else f'{back:.1f} s after the restore'}), "
+            f"{others} others (the lookups' own):"
         )
         lines += [f"    {line}" for line in out["log_lines"] if f"{backend} store" in line]
     return "\n".join(lines)
@@ -750,7 +765,10 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
     }
     world = World(
-        WORLD_POLICIES, free_port(), free_port(), os.path.join(RESULTS, "startup-world.log")
+        max(WORLD_POLICIES, 2 * new_domains(args.lookups)),
+        free_port(),
+        free_port(),
+        os.path.join(RESULTS, "startup-world.log"),
     )
     loop = LoopThread()
     ctx = Context(world, loop, args)
