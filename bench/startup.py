@@ -669,7 +669,9 @@ def run_outage(ctx: Context, backend: str) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> str:
     lines = [
         f"postfix-mtasts start-up and store outages at {results['machine']['commit'][:10]} "
-        f"({results['machine']['nproc']} CPUs, {results['machine']['cpu']}; shared with other work)",
+        f"({results['machine']['nproc']} CPUs, {results['machine']['cpu']}; shared with other work:",
+        f"1-minute load average {results['load_average_before'][0]:.1f} before, "
+        f"{results['load_average_after'][0]:.1f} after)",
     ]
     if results.get("startup"):
         lines += [
@@ -763,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "cached": args.cached,
         "connections": args.connections,
+        "load_average_before": os.getloadavg(),
     }
     world = World(
         max(WORLD_POLICIES, 2 * new_domains(args.lookups)),
@@ -780,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         loop.stop()
         world.stop()
+    results["load_average_after"] = os.getloadavg()
     results["total_seconds"] = round(time.monotonic() - started, 1)
     path = os.path.join(RESULTS, f"startup-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
