@@ -1,7 +1,8 @@
 #!/bin/sh
 # The benchmark in one command; see bench/README.rst. Run as root (network
 # namespace, ports 53 and 443 inside it). Arguments go to bench/bench.py,
-# e.g. --quick, --profile, --no-peer.
+# e.g. --quick, --profile, --no-peer. "bench/run.sh storm ..." runs
+# bench/storm.py instead (connection storms, 1000 connections, the soak).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -25,4 +26,8 @@ case " $* " in
         [ -x .venv/bin/py-spy ] || .venv/bin/python -m pip install --quiet py-spy ;;
 esac
 
+if [ "${1:-}" = storm ]; then
+    shift
+    exec .venv/bin/python bench/storm.py "$@"
+fi
 exec .venv/bin/python bench/bench.py "$@"
