@@ -41,6 +41,8 @@ SECONDS_MAX: Final = 10 * 365 * 86_400
 #: Upper bounds of the whole-number settings, for the same reason.
 MEMORY_ENTRIES_MAX: Final = 100_000_000
 REFRESH_CONCURRENCY_MAX: Final = 1_000
+#: Largest listen backlog accepted; the kernel caps it at net.core.somaxconn anyway.
+LISTEN_BACKLOG_MAX: Final = 65_535
 #: Longest rendering of an offending value inside an error message.
 SHOWN_VALUE_MAX: Final = 60
 
@@ -139,6 +141,9 @@ class ListenConfig:
     tcp_table: tuple[ListenAddress, ...] = ()
     socketmap_idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT
     tcp_table_idle_timeout: float = limits.TCP_TABLE_IDLE_TIMEOUT
+    #: Connections the kernel queues on each listener before the daemon accepts
+    #: them; 0: as many as it allows (net.core.somaxconn).
+    backlog: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,6 +667,7 @@ class _Reader:
                 "tcp_table",
                 "socketmap_idle_timeout",
                 "tcp_table_idle_timeout",
+                "backlog",
             ),
         )
         defaults = ListenConfig()
@@ -691,6 +697,7 @@ class _Reader:
             tcp_table_idle_timeout=self.seconds(
                 data, "tcp_table_idle_timeout", prefix, limits.TCP_TABLE_IDLE_TIMEOUT, 1
             ),
+            backlog=self.integer(data, "backlog", prefix, 0, 0, LISTEN_BACKLOG_MAX),
         )
 
     def cache(self, data: Mapping[str, object]) -> CacheConfig:

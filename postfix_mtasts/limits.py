@@ -58,3 +58,9 @@ MEMORY_ENTRIES = 200_000
 #: when no nameservers are configured; a lookup waiting for a thread still
 #: counts against its fetch deadline.
 ADDRESS_LOOKUP_THREADS = 8
+
+# --- Listeners ----------------------------------------------------------------
+#: Listen backlog when the kernel's cap (net.core.somaxconn) cannot be read:
+#: what current Linux allows by default. Enough for 2000 Postfix smtp
+#: processes connecting at once after ``postfix reload``.
+LISTEN_BACKLOG_DEFAULT = 4096

@@ -32,6 +32,7 @@ from postfix_mtasts import __version__
 from postfix_mtasts.cache import IPolicyStore, Source
 from postfix_mtasts.config import Config, ConfigError, ListenAddress, Nameserver, load_config
 from postfix_mtasts.errors import one_line
+from postfix_mtasts.listening import backlog_capped, kernel_backlog_limit, listen_backlog
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop
@@ -348,9 +349,15 @@ class Daemon:
     _factories: dict[str, Factory] = field(default_factory=dict)
     #: getaddrinfo's threads, one pool for the daemon's life (reloads keep it).
     system_addresses: SystemAddressResolver = field(init=False)
+    #: The listen backlog of every listener (listen.backlog, else the kernel's largest).
+    backlog: int = field(init=False)
+    _backlog_capped: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.system_addresses = SystemAddressResolver(self.reactor)
+        limit = kernel_backlog_limit()
+        self.backlog = listen_backlog(self.config.listen.backlog, limit)
+        self._backlog_capped = backlog_capped(self.config.listen.backlog, limit)
 
     async def start(self) -> None:
         config = self.config
@@ -381,6 +388,8 @@ class Daemon:
         for factory in (socketmap_factory, tcp_table_factory):
             factory.noisy = False
         self._factories = {"socketmap": socketmap_factory, "tcp_table": tcp_table_factory}
+        if self._backlog_capped:
+            log.warning("%s", self._backlog_capped)
         for key in _listener_keys(config):
             try:
                 await self._listen(key)
@@ -392,7 +401,7 @@ class Daemon:
     async def _listen(self, key: ListenerKey) -> None:
         kind, address = key
         try:
-            endpoint = server_endpoint(self.reactor, address, self.listen_environment)
+            endpoint = server_endpoint(self.reactor, address, self.listen_environment, self.backlog)
             port = await endpoint.listen(self._factories[kind])
         except StartupError:
             raise
@@ -502,6 +511,8 @@ class Daemon:
             notes.append("DANE resolver")
         if new.cache != old.cache:
             log.warning("cache settings changed: they take effect at the next restart")
+        if new.listen.backlog != old.listen.backlog:
+            log.warning("listen.backlog changed: it takes effect at the next restart")
         self.config = new
         return notes
 
@@ -623,7 +634,8 @@ class Service:
         _make_runtime_directory(os.path.dirname(path))
         address = ListenAddress(kind="unix", path=path, mode=config.control.mode)
         try:
-            endpoint = serverFromString(self.reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
+            description = endpoint_for(address, self.daemon.backlog)
+            endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
             port = await endpoint.listen(ControlFactory(self))
         except Exception as e:
             raise StartupError(f"cannot listen on control socket {path}: {one_line(e)}") from e
@@ -646,7 +658,9 @@ class Service:
         if self._metrics_registry is None:
             self._metrics_registry = metrics.build_registry(self)
         try:
-            endpoint = server_endpoint(self.reactor, address, self.daemon.listen_environment)
+            endpoint = server_endpoint(
+                self.reactor, address, self.daemon.listen_environment, self.daemon.backlog
+            )
             port = await metrics.listen(endpoint, self._metrics_registry)
         except Exception as e:
             raise StartupError(f"cannot listen on {address} (metrics): {one_line(e)}") from e
@@ -843,21 +857,27 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def endpoint_for(address: ListenAddress) -> str:
-    """The Twisted endpoint description of an inet or unix address."""
+def endpoint_for(address: ListenAddress, backlog: int | None = None) -> str:
+    """The Twisted endpoint description of an inet or unix address, with
+    ``backlog`` as its listen backlog (None: Twisted's default)."""
     if address.kind == "systemd":
         raise ValueError(f"{address}: a socket from systemd has no description; use server_endpoint()")
     description = address.endpoint_description()
+    if backlog is not None:
+        description += f":backlog={backlog}"
     if address.kind == "unix":
         # A lock file lets Twisted remove the stale socket a crash left behind.
         description += ":lockfile=1"
     return description
 
 
-def server_endpoint(reactor: Any, address: ListenAddress, listen_environment: Mapping[str, str]) -> Any:
-    """A server endpoint for ``address``; a systemd socket is adopted from the descriptors passed."""
+def server_endpoint(
+    reactor: Any, address: ListenAddress, listen_environment: Mapping[str, str], backlog: int | None = None
+) -> Any:
+    """A server endpoint for ``address``; a systemd socket is adopted from the
+    descriptors passed, and keeps the backlog its unit's Backlog= gave it."""
     if address.kind != "systemd":
-        return serverFromString(reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
+        return serverFromString(reactor, endpoint_for(address, backlog))  # type: ignore[no-untyped-call]
     fd = inherited_descriptor(address, listen_environment)
     sock = socket.socket(fileno=fd)
     family = sock.family

@@ -27,7 +27,7 @@ from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from postfix_mtasts import logsetup
+from postfix_mtasts import limits, logsetup
 from postfix_mtasts.codec import socketmap
 from tests.conftest import require
 from tests.support.daemon import (
@@ -598,6 +598,12 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
     return settings
 
 
+#: smtp processes of a big Postfix site (default_process_limit is 100), and the
+#: descriptors the daemon needs besides their connections (fetches, cache, logs).
+LARGE_SITE_SMTP_PROCESSES = 2000
+DESCRIPTOR_HEADROOM = 1000
+
+
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     require("systemd-analyze", analyze is not None)
@@ -638,6 +644,11 @@ def test_systemd_units_say_what_the_daemon_does() -> None:
     assert socket_unit["ListenStream"] == ["127.0.0.1:8461"]
     assert socket_unit["FileDescriptorName"] == ["socketmap"]
     assert 'socketmap = ["systemd:socketmap"]' in (SYSTEMD_DIRECTORY / "postfix-mtasts.socket").read_text()
+    # The storm after "postfix reload" (issue 20): the socket's backlog is the
+    # daemon's own default, and a big site's smtp processes, each with a
+    # socketmap and a tcp_table connection, fit in the descriptors with room to spare.
+    assert socket_unit["Backlog"] == [str(limits.LISTEN_BACKLOG_DEFAULT)]
+    assert int(service["LimitNOFILE"][0]) >= 2 * LARGE_SITE_SMTP_PROCESSES + DESCRIPTOR_HEADROOM
 
 
 #: Makes the kernel refuse writable+executable memory for this process, as
