@@ -32,7 +32,7 @@ from postfix_mtasts import __version__
 from postfix_mtasts.cache import IPolicyStore, Source
 from postfix_mtasts.config import Config, ConfigError, ListenAddress, Nameserver, load_config
 from postfix_mtasts.errors import one_line
-from postfix_mtasts.listening import backlog_capped, kernel_backlog_limit, listen_backlog
+from postfix_mtasts.listening import AcceptGuard, backlog_capped, kernel_backlog_limit, listen_backlog
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop
@@ -286,22 +286,26 @@ class _TrackedTcpTableProtocol(_Tracked, TcpTableProtocol):
 
 
 class TrackingSocketmapFactory(SocketmapFactory):
-    def __init__(self, *args: Any, connections: ConnectionSet, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connections: ConnectionSet, guard: AcceptGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connections = connections
+        self.guard = guard
 
     def buildProtocol(self, addr: Any) -> SocketmapProtocol:
+        self.guard.accepted()
         protocol = _TrackedSocketmapProtocol(self.responder, self.idle_timeout, self.clock)
         protocol.factory = self
         return protocol
 
 
 class TrackingTcpTableFactory(TcpTableFactory):
-    def __init__(self, *args: Any, connections: ConnectionSet, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connections: ConnectionSet, guard: AcceptGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connections = connections
+        self.guard = guard
 
     def buildProtocol(self, addr: Any) -> TcpTableProtocol:
+        self.guard.accepted()
         protocol = _TrackedTcpTableProtocol(self.responder, self.idle_timeout, self.profile, self.clock)
         protocol.factory = self
         return protocol
@@ -352,9 +356,12 @@ class Daemon:
     #: The listen backlog of every listener (listen.backlog, else the kernel's largest).
     backlog: int = field(init=False)
     _backlog_capped: str | None = field(init=False, default=None)
+    #: Pauses a listener that runs out of descriptors, logs each such burst once.
+    accept_guard: AcceptGuard = field(init=False)
 
     def __post_init__(self) -> None:
         self.system_addresses = SystemAddressResolver(self.reactor)
+        self.accept_guard = AcceptGuard(self.reactor)
         limit = kernel_backlog_limit()
         self.backlog = listen_backlog(self.config.listen.backlog, limit)
         self._backlog_capped = backlog_capped(self.config.listen.backlog, limit)
@@ -379,11 +386,11 @@ class Daemon:
         )
         socketmap_factory = TrackingSocketmapFactory(
             self.responder, config.listen.socketmap_idle_timeout, clock=self.reactor,
-            connections=self.connections,
+            connections=self.connections, guard=self.accept_guard,
         )
         tcp_table_factory = TrackingTcpTableFactory(
             self.responder, config.listen.tcp_table_idle_timeout, clock=self.reactor,
-            connections=self.connections,
+            connections=self.connections, guard=self.accept_guard,
         )
         for factory in (socketmap_factory, tcp_table_factory):
             factory.noisy = False
@@ -407,6 +414,7 @@ class Daemon:
             raise
         except Exception as e:
             raise StartupError(f"cannot listen on {address} ({kind}): {one_line(e)}") from e
+        self.accept_guard.watch(port)
         self._listeners[key] = port
         log.info("listening for %s on %s", kind, address)
 
@@ -420,6 +428,7 @@ class Daemon:
             await _stop_listening(port)
         self._listeners.clear()
         self.ports.clear()
+        self.accept_guard.stop()
         await self._drain_connections()
         if self.lookup is not None:
             await self.lookup.stop()
@@ -641,6 +650,7 @@ class Service:
             raise StartupError(f"cannot listen on control socket {path}: {one_line(e)}") from e
         # Twisted applies the mode after bind; make sure nothing looser was left.
         os.chmod(path, config.control.mode)
+        self.daemon.accept_guard.watch(port)
         self._control_port, self.control_path = port, path
         log.info("control socket on %s (mode %04o)", path, config.control.mode)
 
@@ -664,6 +674,7 @@ class Service:
             port = await metrics.listen(endpoint, self._metrics_registry)
         except Exception as e:
             raise StartupError(f"cannot listen on {address} (metrics): {one_line(e)}") from e
+        self.daemon.accept_guard.watch(port)
         self._metrics_port = port
         log.info("serving Prometheus metrics on %s", address)
 
