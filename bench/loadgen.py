@@ -68,6 +68,10 @@ class PhaseResult:
     p999_ms: float
     max_ms: float
     statuses: dict[str, int] = field(default_factory=dict)
+    #: Replies the least and the most served connection got: far apart when
+    #: some connections wait behind others (None when rounds are pooled).
+    fewest_per_connection: int | None = None
+    most_per_connection: int | None = None
     #: Every latency in nanoseconds, sorted (left out of :meth:`as_dict`).
     latencies_ns: list[int] = field(default_factory=list, repr=False)
 
@@ -78,7 +82,11 @@ class PhaseResult:
 
 
 def summarise(
-    latencies_ns: list[int], seconds: float, statuses: dict[str, int], connections: int
+    latencies_ns: list[int],
+    seconds: float,
+    statuses: dict[str, int],
+    connections: int,
+    per_connection: Sequence[int] = (),
 ) -> PhaseResult:
     """Throughput and latency percentiles of one or more runs taken together."""
     latencies = sorted(latencies_ns)
@@ -93,6 +101,8 @@ def summarise(
         p999_ms=round(percentile(latencies, 0.999) * ms, 3),
         max_ms=round((latencies[-1] if latencies else 0) * ms, 3),
         statuses=dict(statuses),
+        fewest_per_connection=min(per_connection) if per_connection else None,
+        most_per_connection=max(per_connection) if per_connection else None,
         latencies_ns=latencies,
     )
 
@@ -153,6 +163,7 @@ def run_closed_loop(
     sent_at = [0] * connections
     latencies: list[int] = []
     record = latencies.append
+    served = [0] * connections
     statuses: Counter[bytes] = Counter()
     poller = select.epoll()
     for sock in socks:
@@ -211,6 +222,7 @@ def run_closed_loop(
                     buffers[index] = buffer
                     continue
                 record(now - sent_at[index])
+                served[index] += 1
                 space = buffer.find(b" ", colon + 1, end)
                 statuses[buffer[colon + 1 : space if space >= 0 else end]] += 1
                 buffers[index] = buffer[end + 1 :]
@@ -223,7 +235,7 @@ def run_closed_loop(
             sock.close()
     elapsed = (clock() - started) / 1e9
     named = {status.decode("ascii", "replace"): n for status, n in statuses.items()}
-    return summarise(latencies, elapsed, named, connections)
+    return summarise(latencies, elapsed, named, connections, served)
 
 
 def run_paced(

@@ -154,12 +154,18 @@ def closed_loops(targets: list[bench.Target], keys: list[bytes], args: argparse.
     world: Any = _NoWorld()
     for connections in args.closed:
         label = f"closed_{connections}"
+        served: dict[str, list[tuple[int | None, int | None]]] = {}
         for number in range(1, args.rounds + 1):
             for target in targets:
                 log(f"closed loop {connections} #{number}")
                 run = target.measure(world, label, keys, connections, seconds=args.seconds / args.rounds)
                 target.record(label, run)
+                served.setdefault(target.name, []).append(
+                    (run[0].fewest_per_connection, run[0].most_per_connection)
+                )
         out[str(connections)] = {t.name: t.phases()[label] for t in targets}
+        for name, pairs in served.items():
+            out[str(connections)][name]["fewest_most_per_connection_each_round"] = pairs
     return out
 
 
