@@ -3,7 +3,10 @@
 Both protocols answer each connection's requests in the order they arrived,
 pipelined ones too, even when a later request is answered from the cache
 before an earlier one has finished resolving. A framing error closes that one
-connection and nothing else.
+connection and nothing else. A client that sends without reading its replies
+is not read from while more than the transport's buffer size of them waits to
+be sent, so its replies cannot pile up in memory or its requests crowd out
+other connections.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Any, ClassVar, cast
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from postfix_mtasts import limits
 from postfix_mtasts.codec import FramingError, MalformedRequest, ReplyTooLong, socketmap, tcptable
@@ -62,8 +66,10 @@ def describe_peer(address: IAddress | None) -> str:
     return f"unix:{name.decode() if isinstance(name, bytes) else name or '?'}"
 
 
+@implementer(IPushProducer)
 class _LookupProtocol(Protocol):
-    """What socketmap and tcp_table share: ordering, idle timeout, errors."""
+    """What socketmap and tcp_table share: ordering, idle timeout, errors,
+    and, as the producer of its own replies, not reading while they pile up."""
 
     # Per subclass (see __init_subclass__): id(answer) → (answer, its reply).
     # The answer is held, so its id cannot be reused while it is here.
@@ -91,6 +97,10 @@ class _LookupProtocol(Protocol):
         self._draining = False
         # The socket replies may be sent on at once (see _write), or None.
         self._socket: socket.socket | None = None
+        # Not reading because replies pile up (see pauseProducing); held: not
+        # reading for good (the daemon is stopping).
+        self._paused_for_replies = False
+        self._held = False
 
     # Subclasses: decode a chunk into events and encode one answer.
     def decode(self, data: bytes) -> list[Any]:
@@ -109,7 +119,36 @@ class _LookupProtocol(Protocol):
     def connectionMade(self) -> None:
         if _writes_eagerly(self.transport):
             self._socket = cast(socket.socket, cast(Any, self.transport).getHandle())
+            # Twisted pauses a streaming producer when the transport's buffer
+            # passes its bufferSize and resumes it once the buffer is empty.
+            cast(Any, self.transport).registerProducer(self, True)
         self._arm_idle_timer()
+
+    # --- IPushProducer: the transport says when replies pile up -------------------
+
+    def pauseProducing(self) -> None:
+        self._paused_for_replies = True
+        cast(Any, self.transport).stopReading()
+
+    def resumeProducing(self) -> None:
+        if not self._paused_for_replies:
+            return
+        self._paused_for_replies = False
+        transport: Any = self.transport
+        if transport.disconnecting:
+            # Twisted closes a connection only once its producer is gone.
+            transport.unregisterProducer()
+        elif not (self._closed or self._draining or self._held):
+            transport.startReading()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; nothing to stop."""
+
+    def hold(self) -> None:
+        """Read no more requests from this connection (the daemon is stopping);
+        those received are still answered."""
+        self._held = True
+        cast(Any, self.transport).pauseProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True

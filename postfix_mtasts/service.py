@@ -252,6 +252,7 @@ class _Tracked:
     factory: Any
     transport: Any
     _pending: Any
+    hold: Any  # the protocol's: stop reading for good
 
     @property
     def busy(self) -> bool:
@@ -440,7 +441,7 @@ class Daemon:
     async def _drain_connections(self) -> None:
         """No new requests; wait (bounded) until every request received has its answer."""
         for connection in list(self.connections.open):
-            connection.transport.pauseProducing()
+            connection.hold()
         waited = 0.0
         while self.connections.busy() and waited < SHUTDOWN_GRACE:
             await _sleep(self.reactor, DRAIN_POLL)
