@@ -45,6 +45,8 @@ import world as world_module  # noqa: E402
 import bench  # noqa: E402
 
 NETNS = "mtasts-storm"
+#: The soak's own namespace, so that it may run beside the other phases.
+SOAK_NETNS = "mtasts-soak"
 FLOOR_PORT = 8464
 #: Clients of each storm, and connections of each closed loop.
 STORM_SIZES = (100, 1000, 2000)
@@ -223,8 +225,7 @@ def soak_keys(minute: int, args: argparse.Namespace) -> tuple[list[bytes], list[
     ]
     known_policies = [world_module.policy_domain(i) for i in range(first_new)]
     known_plain = [world_module.plain_domain(i) for i in range(minute * SOAK_NEW_PLAIN_PER_MINUTE)]
-    # Two policy lookups for each lookup of a domain without MTA-STS, like a
-    # site whose big peers publish policies.
+    # bench.py's mix: one policy domain to four without MTA-STS.
     mixed = bench.mix_keys(bench.keyset(known_policies), bench.keyset(known_plain or new_plain))
     return bench.keyset(new_policies + new_plain) + mixed, new_policies + new_plain
 
@@ -394,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.inside:
         return inside(args)
-    return bench.outside(args, argv, script=__file__, netns=NETNS, run_inside=inside)
+    netns = SOAK_NETNS if args.soak_minutes > 0 else NETNS
+    return bench.outside(args, argv, script=__file__, netns=netns, run_inside=inside)
 
 
 if __name__ == "__main__":
