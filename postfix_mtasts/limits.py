@@ -64,9 +64,10 @@ ADDRESS_LOOKUP_THREADS = 8
 #: what current Linux allows by default. Enough for 2000 Postfix smtp
 #: processes connecting at once after ``postfix reload``.
 LISTEN_BACKLOG_DEFAULT = 4096
-#: How long a listener stops accepting after the process ran out of
-#: descriptors (or the kernel of memory) on accept; connections wait in the
-#: backlog meanwhile. Without the pause, the accept loop spins at full CPU.
+#: How long a listener stops accepting after an accept failed and nothing
+#: was refused (Twisted's reserved descriptor gone, or the kernel out of
+#: memory); connections wait in the backlog meanwhile. Without the pause the
+#: listener, still readable, would come back on every loop turn.
 ACCEPT_PAUSE = 0.25
 #: A burst of accept failures ends (and is summed up in the log) once
 #: connections have been accepted for this long without a new failure.

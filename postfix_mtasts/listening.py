@@ -8,14 +8,16 @@ the clients retry after 1, 3, 7 s. So the backlog defaults to the largest
 the kernel allows (``net.core.somaxconn``).
 
 When the process runs out of descriptors, Twisted's accept loop (tcp.Port,
-which unix ports share) closes some waiting connections to make room, reports
-that through the port's logger at info level, once per connection, and then,
-its accepts-per-turn cut to one, finds the listener readable again on every
-loop turn: a busy loop until a descriptor frees up. :class:`AcceptGuard`
-listens on each port's logger instead: it pauses accepting for a moment
-(connections wait in the backlog), logs one warning when such a burst begins
-and one line, with the count, once connections are accepted again and no
-failure follows for a while.
+which unix ports share) gives up a reserved descriptor, accepts and closes the
+waiting connections with it, and reports each at info level, once per
+connection: the clients are refused at once and the open connections keep
+being served. Only if that reserve is gone too (another thread took the
+freed slot) does it just report the failure and leave the connection
+waiting, and the listener, still readable, comes back on every loop turn.
+:class:`AcceptGuard` listens on each port's logger instead: it logs one
+warning when a burst of failures begins and one line, with the count
+refused, once connections are accepted again and no failure follows for a
+while; a listener that would come back on every turn pauses for a moment.
 """
 
 from __future__ import annotations
@@ -80,8 +82,10 @@ def descriptor_limit() -> int:
 class AcceptGuard:
     """Watches the accept loops of the daemon's listening ports.
 
-    A port that cannot accept (no descriptor, no kernel memory) stops reading
-    for ``pause`` seconds instead of spinning; a burst of such failures is
+    A port that cannot accept and refuses nothing (no reserved descriptor
+    left, no kernel memory) stops reading for ``pause`` seconds instead of
+    spinning; when Twisted refuses the waiting connections itself it does
+    not spin, and the port reads on. A burst of failures is
     logged once when it begins and once when it is over: connections have
     been accepted (:meth:`accepted`) for ``quiet`` seconds without a new
     failure. That line says how many connections Twisted refused meanwhile.
@@ -161,27 +165,30 @@ class AcceptGuard:
             self.refused += 1
             return True
         if text.startswith(_RESERVE_RELEASED):
-            self._failed(port, "out of file descriptors")
+            self._failed("out of file descriptors")
             return True
         if text == _ACCEPT_FAILED:
             error = str(event.get("acceptError"))
             if error not in _CLIENT_ERRORS:
                 why = "out of file descriptors" if error in _DESCRIPTOR_ERRORS else f"cannot accept ({error})"
-                self._failed(port, why)
+                self._failed(why)
+                self._pause(port)
             return True
         return text.startswith("Re-reserving EMFILE")
 
-    def _failed(self, port: Any, why: str) -> None:
+    def _failed(self, why: str) -> None:
         self.last_failure = self.clock.seconds()
         if self.burst_started is None:
             self.burst_started = self.last_failure
             self.bursts += 1
             log.warning(
-                "%s (limit %d): new connections wait in the backlog or are refused until some "
-                "close; existing ones are still answered; raise LimitNOFILE= (or ulimit -n)",
+                "%s (limit %d): new connections are refused until some close; existing ones "
+                "are still answered; raise LimitNOFILE= (or ulimit -n)",
                 why,
                 descriptor_limit(),
             )
+
+    def _pause(self, port: Any) -> None:
         if id(port) in self._paused:
             return
         port.stopReading()
