@@ -357,7 +357,7 @@ class Daemon:
     #: The listen backlog of every listener (listen.backlog, else the kernel's largest).
     backlog: int = field(init=False)
     _backlog_capped: str | None = field(init=False, default=None)
-    #: Pauses a listener that runs out of descriptors, logs each such burst once.
+    #: Logs each burst of accept failures (out of descriptors) once as it begins and once as it ends.
     accept_guard: AcceptGuard = field(init=False)
 
     def __post_init__(self) -> None:
