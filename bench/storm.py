@@ -259,6 +259,8 @@ def run_soak(args: argparse.Namespace, world: bench.World, work: str) -> dict[st
                 seconds=SOAK_SAMPLE_SECONDS,
                 reuse=SOAK_REUSE,
             )
+            # The load's connections were just closed: let the daemon see them go.
+            time.sleep(SETTLE)
             sample = {
                 "minute": minute + 1,
                 "elapsed_s": round(time.monotonic() - started, 1),
@@ -280,7 +282,7 @@ def run_soak(args: argparse.Namespace, world: bench.World, work: str) -> dict[st
     finally:
         bench.stop_process(daemon.process)
     settled = [s for s in samples if s["minute"] >= SOAK_WARMUP_MINUTES]
-    out: dict[str, Any] = {"samples": samples, "minutes": args.soak_minutes}
+    out: dict[str, Any] = {"samples": samples, "minutes": args.soak_minutes, "somaxconn": somaxconn()}
     if len(settled) >= 2:
         first, last = settled[0], settled[-1]
         out["after_minute"] = SOAK_WARMUP_MINUTES
@@ -300,7 +302,7 @@ def run_soak(args: argparse.Namespace, world: bench.World, work: str) -> dict[st
 def report(results: dict[str, Any]) -> str:
     lines = [
         f"postfix-mtasts at Postfix scale; {results['machine']['nproc']} CPUs (shared), "
-        f"somaxconn {results.get('somaxconn', '?')}"
+        f"somaxconn {results.get('somaxconn') or results.get('soak', {}).get('somaxconn', '?')}"
     ]
     for clients, by_server in results.get("storm", {}).items():
         for name, doc in by_server.items():
