@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -144,7 +144,14 @@ def stop_process(process: subprocess.Popen[Any], grace: float = 20.0) -> None:
 class World:
     """The world process (bench/world.py), driven over its stdin/stdout."""
 
-    def __init__(self, policies: int, dns_port: int, https_port: int, log_path: str) -> None:
+    def __init__(
+        self,
+        policies: int,
+        dns_port: int,
+        https_port: int,
+        log_path: str,
+        max_age: int = world_module.DEFAULT_MAX_AGE,
+    ) -> None:
         self.process = subprocess.Popen(
             [
                 VENV_PYTHON,
@@ -155,6 +162,8 @@ class World:
                 str(dns_port),
                 "--https-port",
                 str(https_port),
+                "--max-age",
+                str(max_age),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -251,9 +260,12 @@ def start_peer(work: str, world: World, log_path: str) -> subprocess.Popen[Any]:
     return process
 
 
-def start_floor(reactor_name: str, port: int, log_path: str) -> subprocess.Popen[Any]:
+def start_floor(
+    reactor_name: str, port: int, log_path: str, backlog: int | None = None
+) -> subprocess.Popen[Any]:
+    extra = [] if backlog is None else [str(backlog)]
     process = subprocess.Popen(
-        [VENV_PYTHON, os.path.join(BENCH, "floor.py"), str(port), reactor_name],
+        [VENV_PYTHON, os.path.join(BENCH, "floor.py"), str(port), reactor_name, *extra],
         stdout=subprocess.DEVNULL,
         stderr=open(log_path, "w"),
     )
@@ -1015,24 +1027,31 @@ def inside(args: argparse.Namespace) -> int:
     return 0
 
 
-def outside(args: argparse.Namespace, argv: list[str]) -> int:
-    """Make the network namespace, run :func:`inside` in it, and remove it again."""
+def outside(
+    args: argparse.Namespace,
+    argv: list[str],
+    *,
+    script: str = __file__,
+    netns: str = NETNS,
+    run_inside: Callable[[argparse.Namespace], int] = lambda args: inside(args),
+) -> int:
+    """Make the network namespace ``netns``, run ``script --inside`` in it, and remove it again."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         log("not root (or no 'ip'): no network namespace; running on this loopback without the peer")
         args.netns = False
-        return inside(args)
-    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
-    etc = f"/etc/netns/{NETNS}"
+        return run_inside(args)
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+    etc = f"/etc/netns/{netns}"
     try:
-        subprocess.run(["ip", "netns", "add", NETNS], check=True)
-        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True)
         os.makedirs(etc, exist_ok=True)
         with open(os.path.join(etc, "resolv.conf"), "w") as f:
             f.write("nameserver 127.0.0.1\n")
-        command = ["ip", "netns", "exec", NETNS, VENV_PYTHON, os.path.abspath(__file__), "--inside", *argv]
+        command = ["ip", "netns", "exec", netns, VENV_PYTHON, os.path.abspath(script), "--inside", *argv]
         return subprocess.run(command).returncode
     finally:
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         shutil.rmtree(etc, ignore_errors=True)
 
 

@@ -9,7 +9,10 @@ the floor for a design that does that too. "epoll-raw" does that and parses
 nothing (each chunk read is taken for one request, as the load generator
 sends them): the reactor and the system calls alone.
 
-    python bench/floor.py PORT [asyncio|epoll|epoll-eager|epoll-raw]
+    python bench/floor.py PORT [asyncio|epoll|epoll-eager|epoll-raw] [BACKLOG]
+
+BACKLOG is the listen backlog (default 256); the connection storms of
+``bench/storm.py`` give it the kernel's largest, as the daemon has.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from typing import Any
 
 #: The same size of answer a cached enforce policy gets.
 REPLY = b"OK secure match=.mx.p000001.example:mx1.p000001.example servername=hostname"
+#: Listen backlog unless one is given.
+DEFAULT_BACKLOG = 256
 
 
 def main() -> int:
     port = int(sys.argv[1])
     kind = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
+    backlog = int(sys.argv[3]) if len(sys.argv) > 3 else DEFAULT_BACKLOG
     if kind == "asyncio":
         from twisted.internet import asyncioreactor
 
@@ -71,7 +77,7 @@ def main() -> int:
     protocols: dict[str, type[Protocol]] = {"epoll-eager": EagerConstant, "epoll-raw": RawConstant}
     factory = Factory.forProtocol(protocols.get(kind, Constant))
     factory.noisy = False
-    reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=256)
+    reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=backlog)
     reactor.run()
     return 0
 

@@ -4,6 +4,8 @@
 # e.g. --quick, --profile, --no-peer. --startup adds bench/startup.py after
 # the main run: start-up time and lookups during a shared-store outage, on this
 # host's loopback with its Redis and PostgreSQL (--quick: 3 runs of each).
+# "bench/run.sh storm ..." runs bench/storm.py instead (connection storms,
+# 1000 connections, the soak).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -26,6 +28,11 @@ case " $* " in
     *" --profile "*)
         [ -x .venv/bin/py-spy ] || .venv/bin/python -m pip install --quiet py-spy ;;
 esac
+
+if [ "${1:-}" = storm ]; then
+    shift
+    exec .venv/bin/python bench/storm.py "$@"
+fi
 
 startup=""
 quick=""

@@ -40,6 +40,8 @@ MAX_REQUEST_HEAD = 8192
 #: Negative TTL of the zone (SOA MINIMUM): how long "no MTA-STS" may be cached.
 NEGATIVE_TTL = 600
 RECORD_TTL = 300
+#: max_age of every policy unless --max-age says otherwise (one week).
+DEFAULT_MAX_AGE = 604800
 
 
 def policy_domain(index: int) -> str:
@@ -50,10 +52,10 @@ def plain_domain(index: int) -> str:
     return f"n{index:06d}.{ZONE}"
 
 
-def policy_text(domain: str) -> bytes:
+def policy_text(domain: str, max_age: int = DEFAULT_MAX_AGE) -> bytes:
     """An enforce policy naming the domain's own MX hosts (each policy differs)."""
     return (
-        f"version: STSv1\r\nmode: enforce\r\nmx: mx1.{domain}\r\nmx: *.mx.{domain}\r\nmax_age: 604800\r\n"
+        f"version: STSv1\r\nmode: enforce\r\nmx: mx1.{domain}\r\nmx: *.mx.{domain}\r\nmax_age: {max_age}\r\n"
     ).encode("ascii")
 
 
@@ -137,7 +139,7 @@ class Unbound:
 class PolicyHost:
     """HTTPS on one port for every ``mta-sts.<domain>``, counting requests per host."""
 
-    def __init__(self, policies: int) -> None:
+    def __init__(self, policies: int, max_age: int = DEFAULT_MAX_AGE) -> None:
         self.ca = trustme.CA()
         self.fetches: Counter[str] = Counter()
         self.bodies: dict[str, bytes] = {}
@@ -145,7 +147,7 @@ class PolicyHost:
         for index in range(policies):
             domain = policy_domain(index)
             host = f"mta-sts.{domain}"
-            self.bodies[host] = policy_text(domain)
+            self.bodies[host] = policy_text(domain, max_age)
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.ca.issue_cert(host).configure_cert(context)
             self.contexts[host] = context
@@ -193,7 +195,7 @@ async def serve(args: argparse.Namespace) -> None:
     directory = tempfile.mkdtemp(prefix="mtasts-world-")
     unbound = None
     try:
-        host = PolicyHost(args.policies)
+        host = PolicyHost(args.policies, args.max_age)
         ca_file = os.path.join(directory, "ca.pem")
         host.ca.cert_pem.write_to_path(ca_file)
         server = await asyncio.start_server(
@@ -233,6 +235,7 @@ def main() -> None:
     parser.add_argument("--policies", type=int, default=1000)
     parser.add_argument("--dns-port", type=int, default=53)
     parser.add_argument("--https-port", type=int, default=443)
+    parser.add_argument("--max-age", type=int, default=DEFAULT_MAX_AGE, help="max_age of every policy")
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -87,3 +87,17 @@ REPORT_LABEL_MAX = 253
 #: Audits the dashboard runs at once, and how long one result is shown again.
 REPORT_CHECKS_AT_ONCE = 2
 REPORT_CHECK_CACHE_SECONDS = 300.0
+
+# --- Listeners ----------------------------------------------------------------
+#: Listen backlog when the kernel's cap (net.core.somaxconn) cannot be read:
+#: what current Linux allows by default. Enough for 2000 Postfix smtp
+#: processes connecting at once after ``postfix reload``.
+LISTEN_BACKLOG_DEFAULT = 4096
+#: How long a listener stops accepting after an accept failed and nothing
+#: was refused (Twisted's reserved descriptor gone, or the kernel out of
+#: memory); connections wait in the backlog meanwhile. Without the pause the
+#: listener, still readable, would come back on every loop turn.
+ACCEPT_PAUSE = 0.25
+#: A burst of accept failures ends (and is summed up in the log) once
+#: connections have been accepted for this long without a new failure.
+ACCEPT_BURST_QUIET = 5.0

@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
-import resource
 import sys
-import time
 from typing import cast
 
 from twisted.logger import ILogObserver, LogLevel, STDLibLogObserver, globalLogBeginner
@@ -30,14 +28,6 @@ LEVELS = {
 _LADDER = [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR]
 
 SYSLOG_SOCKET = "/dev/log"
-
-#: Twisted reports, at info level, each time it must refuse connections for
-#: want of file descriptors; the log says so at most once per this many seconds.
-FD_EXHAUSTION_REPORT_INTERVAL = 60.0
-#: How Twisted's accept loop words those reports (twisted.internet.tcp._accept).
-_FD_RESERVE_RELEASED = "EMFILE encountered"
-_ACCEPT_FAILED = "Could not accept new connection ({acceptError})"
-_FD_ERRORS = ("EMFILE", "ENFILE")
 
 #: syslog priorities of the stdlib levels, for journald's "<N>" line prefix.
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -124,23 +114,12 @@ def route_twisted_logs() -> None:
         return
     _twisted_routed = True
     observer = STDLibLogObserver(name="twisted")
-    last_fd_report: list[float] = []
 
+    # Info-level chatter is dropped; running out of descriptors on accept is
+    # reported by the listeners themselves (listening.AcceptGuard).
     def filtered(event: dict[str, object]) -> None:
         if event.get("log_level", LogLevel.info) >= LogLevel.warn or event.get("isError"):
             observer(event)
-            return
-        text = str(event.get("log_format") or "")
-        if text.startswith(_FD_RESERVE_RELEASED) or (
-            text == _ACCEPT_FAILED and event.get("acceptError") in _FD_ERRORS
-        ):
-            now = time.monotonic()
-            if not last_fd_report or now - last_fd_report[0] >= FD_EXHAUSTION_REPORT_INTERVAL:
-                last_fd_report[:] = [now]
-                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                logging.getLogger("postfix_mtasts.service").warning(
-                    "out of file descriptors (limit %d): new connections are refused until "
-                    "some close; raise LimitNOFILE= (or ulimit -n)", limit)
 
     globalLogBeginner.beginLoggingTo(
         [cast(ILogObserver, filtered)], redirectStandardIO=False, discardBuffer=True

@@ -34,6 +34,7 @@ from postfix_mtasts.cache import IPolicyStore, Source
 from postfix_mtasts.config import Config, ConfigError, ListenAddress, ReportsConfig, load_config
 from postfix_mtasts.errors import ReloadRefused, StartupError, one_line
 from postfix_mtasts.limits import FETCH_BUCKETS
+from postfix_mtasts.listening import AcceptGuard, backlog_capped, kernel_backlog_limit, listen_backlog
 from postfix_mtasts.lookup import LookupSettings, PolicyLookup
 from postfix_mtasts.policy.model import Answer
 from postfix_mtasts.policy.nexthop import BracketedNextHop
@@ -239,6 +240,7 @@ class _Tracked:
     factory: Any
     transport: Any
     _pending: Any
+    hold: Any  # the protocol's: stop reading for good
 
     @property
     def busy(self) -> bool:
@@ -273,22 +275,26 @@ class _TrackedTcpTableProtocol(_Tracked, TcpTableProtocol):
 
 
 class TrackingSocketmapFactory(SocketmapFactory):
-    def __init__(self, *args: Any, connections: ConnectionSet, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connections: ConnectionSet, guard: AcceptGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connections = connections
+        self.guard = guard
 
     def buildProtocol(self, addr: Any) -> SocketmapProtocol:
+        self.guard.accepted()
         protocol = _TrackedSocketmapProtocol(self.responder, self.idle_timeout, clock=self.clock)
         protocol.factory = self
         return protocol
 
 
 class TrackingTcpTableFactory(TcpTableFactory):
-    def __init__(self, *args: Any, connections: ConnectionSet, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connections: ConnectionSet, guard: AcceptGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connections = connections
+        self.guard = guard
 
     def buildProtocol(self, addr: Any) -> TcpTableProtocol:
+        self.guard.accepted()
         protocol = _TrackedTcpTableProtocol(
             self.responder, self.idle_timeout, self.profile, clock=self.clock
         )
@@ -338,9 +344,18 @@ class Daemon:
     _factories: dict[str, Factory] = field(default_factory=dict)
     #: getaddrinfo's threads, one pool for the daemon's life (reloads keep it).
     system_addresses: SystemAddressResolver = field(init=False)
+    #: The listen backlog of every listener (listen.backlog, else the kernel's largest).
+    backlog: int = field(init=False)
+    _backlog_capped: str | None = field(init=False, default=None)
+    #: Logs each burst of accept failures (out of descriptors) once as it begins and once as it ends.
+    accept_guard: AcceptGuard = field(init=False)
 
     def __post_init__(self) -> None:
         self.system_addresses = SystemAddressResolver(self.reactor)
+        self.accept_guard = AcceptGuard(self.reactor)
+        limit = kernel_backlog_limit()
+        self.backlog = listen_backlog(self.config.listen.backlog, limit)
+        self._backlog_capped = backlog_capped(self.config.listen.backlog, limit)
 
     async def start(self) -> None:
         """Open the store, listen, then warm the memory front.
@@ -369,11 +384,11 @@ class Daemon:
         )
         socketmap_factory = TrackingSocketmapFactory(
             self.responder, config.listen.socketmap_idle_timeout, clock=self.reactor,
-            connections=self.connections,
+            connections=self.connections, guard=self.accept_guard,
         )
         tcp_table_factory = TrackingTcpTableFactory(
             self.responder, config.listen.tcp_table_idle_timeout, clock=self.reactor,
-            connections=self.connections,
+            connections=self.connections, guard=self.accept_guard,
         )
         for factory in (socketmap_factory, tcp_table_factory):
             factory.noisy = False
@@ -388,6 +403,8 @@ class Daemon:
         self._order_ports(config)
         for kind, address in keys:
             log.info("listening for %s on %s", kind, address)
+        if self._backlog_capped:
+            log.warning("%s", self._backlog_capped)
         # Lookups are answered from here on (a miss in the front reads the
         # store); the front warms meanwhile, and start() returns once it is warm.
         await self.lookup.start(warm_in_background=True)
@@ -407,12 +424,13 @@ class Daemon:
     async def _listen(self, key: ListenerKey, *, quiet: bool = False) -> None:
         kind, address = key
         try:
-            endpoint = server_endpoint(self.reactor, address, self.listen_environment)
+            endpoint = server_endpoint(self.reactor, address, self.listen_environment, self.backlog)
             port = await endpoint.listen(self._factories[kind])
         except StartupError:
             raise
         except Exception as e:
             raise StartupError(f"cannot listen on {address} ({kind}): {one_line(e)}") from e
+        self.accept_guard.watch(port)
         self._listeners[key] = port
         if not quiet:
             log.info("listening for %s on %s", kind, address)
@@ -431,6 +449,7 @@ class Daemon:
             await _stop_listening(port)
         self._listeners.clear()
         self.ports.clear()
+        self.accept_guard.stop()
         await self._drain_connections()
         if self.lookup is not None:
             await self.lookup.stop()
@@ -443,7 +462,7 @@ class Daemon:
     async def _drain_connections(self) -> None:
         """No new requests; wait (bounded) until every request received has its answer."""
         for connection in list(self.connections.open):
-            connection.transport.pauseProducing()
+            connection.hold()
         waited = 0.0
         while self.connections.busy() and waited < SHUTDOWN_GRACE:
             await _sleep(self.reactor, DRAIN_POLL)
@@ -524,6 +543,8 @@ class Daemon:
             notes.append("DANE resolver")
         if new.cache != old.cache:
             log.warning("cache settings changed: they take effect at the next restart")
+        if new.listen.backlog != old.listen.backlog:
+            log.warning("listen.backlog changed: it takes effect at the next restart")
         self.config = new
         return notes
 
@@ -682,12 +703,14 @@ class Service:
         _make_runtime_directory(os.path.dirname(path))
         address = ListenAddress(kind="unix", path=path, mode=config.control.mode)
         try:
-            endpoint = serverFromString(self.reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
+            description = endpoint_for(address, self.daemon.backlog)
+            endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
             port = await endpoint.listen(ControlFactory(self))
         except Exception as e:
             raise StartupError(f"cannot listen on control socket {path}: {one_line(e)}") from e
         # Twisted applies the mode after bind; make sure nothing looser was left.
         os.chmod(path, config.control.mode)
+        self.daemon.accept_guard.watch(port)
         self._control_port, self.control_path = port, path
         log.info("control socket on %s (mode %04o)", path, config.control.mode)
 
@@ -707,10 +730,13 @@ class Service:
         self._http_root = metrics.HttpRoot(self._metrics_registry)
         self._serve_reports(config)
         try:
-            endpoint = server_endpoint(self.reactor, address, self.daemon.listen_environment)
+            endpoint = server_endpoint(
+                self.reactor, address, self.daemon.listen_environment, self.daemon.backlog
+            )
             port = await metrics.listen(endpoint, self._http_root)
         except Exception as e:
             raise StartupError(f"cannot listen on {address} (metrics): {one_line(e)}") from e
+        self.daemon.accept_guard.watch(port)
         self._metrics_port = port
         log.info("serving Prometheus metrics and TLS reports on %s", address)
 
@@ -943,21 +969,27 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def endpoint_for(address: ListenAddress) -> str:
-    """The Twisted endpoint description of an inet or unix address."""
+def endpoint_for(address: ListenAddress, backlog: int | None = None) -> str:
+    """The Twisted endpoint description of an inet or unix address, with
+    ``backlog`` as its listen backlog (None: Twisted's default)."""
     if address.kind == "systemd":
         raise ValueError(f"{address}: a socket from systemd has no description; use server_endpoint()")
     description = address.endpoint_description()
+    if backlog is not None:
+        description += f":backlog={backlog}"
     if address.kind == "unix":
         # A lock file lets Twisted remove the stale socket a crash left behind.
         description += ":lockfile=1"
     return description
 
 
-def server_endpoint(reactor: Any, address: ListenAddress, listen_environment: Mapping[str, str]) -> Any:
-    """A server endpoint for ``address``; a systemd socket is adopted from the descriptors passed."""
+def server_endpoint(
+    reactor: Any, address: ListenAddress, listen_environment: Mapping[str, str], backlog: int | None = None
+) -> Any:
+    """A server endpoint for ``address``; a systemd socket is adopted from the
+    descriptors passed, and keeps the backlog its unit's Backlog= gave it."""
     if address.kind != "systemd":
-        return serverFromString(reactor, endpoint_for(address))  # type: ignore[no-untyped-call]
+        return serverFromString(reactor, endpoint_for(address, backlog))  # type: ignore[no-untyped-call]
     fd = inherited_descriptor(address, listen_environment)
     sock = socket.socket(fileno=fd)
     family = sock.family

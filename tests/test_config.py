@@ -70,6 +70,8 @@ def test_no_file_means_defaults_from_limits() -> None:
     assert config.listen.tcp_table == ()
     assert config.listen.socketmap_idle_timeout == limits.SOCKETMAP_IDLE_TIMEOUT
     assert config.listen.tcp_table_idle_timeout == limits.TCP_TABLE_IDLE_TIMEOUT
+    # 0: the kernel's largest backlog, which the service reads at start.
+    assert config.listen.backlog == 0
     assert config.cache.backend == "sqlite"
     assert config.cache.path == ""
     assert config.cache.memory_entries == limits.MEMORY_ENTRIES
@@ -142,6 +144,7 @@ GOOD: list[tuple[str, Any, Any]] = [
     ),
     ("listen.socketmap_idle_timeout", 30, 30.0),
     ("listen.tcp_table_idle_timeout", 1.5, 1.5),
+    ("listen.backlog", 4096, 4096),
     ("cache.backend", "memory", "memory"),
     ("cache.path", "/var/tmp/c.sqlite3", "/var/tmp/c.sqlite3"),
     ("cache.memory_entries", 10, 10),
@@ -367,6 +370,11 @@ BAD: list[tuple[str, Any]] = [
     ("listen.socketmap_idle_timeout", "300"),
     ("listen.tcp_table_idle_timeout", -1),
     ("listen.tcp_table_idle_timeout", True),
+    ("listen.backlog", -1),
+    ("listen.backlog", 65_536),
+    ("listen.backlog", "4096"),
+    ("listen.backlog", 1.5),
+    ("listen.backlog", True),
     ("cache.backend", "sqllite"),
     ("cache.backend", 1),
     ("cache.path", "cache.sqlite3"),

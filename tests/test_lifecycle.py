@@ -27,7 +27,7 @@ from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from postfix_mtasts import logsetup
+from postfix_mtasts import limits, logsetup
 from postfix_mtasts.codec import socketmap
 from postfix_mtasts.doctor.maps import SHIPPED_SOCKET_UNITS
 from tests.conftest import require
@@ -639,6 +639,10 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
 UNITS = ("postfix-mtasts.service", "postfix-mtasts.socket", "postfix-mtasts-unix.socket")
 #: Where the service's ExecStart= expects the command: the Debian package's link.
 PACKAGED_COMMAND = "/usr/bin/postfix-mtasts"
+#: smtp processes of a big Postfix site (default_process_limit is 100), and the
+#: descriptors the daemon needs besides their connections (fetches, cache, logs).
+LARGE_SITE_SMTP_PROCESSES = 2000
+DESCRIPTOR_HEADROOM = 1000
 
 
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -699,6 +703,11 @@ def test_systemd_units_say_what_the_daemon_does() -> None:
         socket_unit["FileDescriptorName"][0]: f"inet:{socket_unit['ListenStream'][0]}",
         unix_unit["FileDescriptorName"][0]: f"unix:{relative}",
     }
+    # The storm after "postfix reload": each socket unit's backlog is the
+    # daemon's own default, and a big site's smtp processes, each with a
+    # socketmap and a tcp_table connection, fit in the descriptors with room to spare.
+    assert socket_unit["Backlog"] == unix_unit["Backlog"] == [str(limits.LISTEN_BACKLOG_DEFAULT)]
+    assert int(service["LimitNOFILE"][0]) >= 2 * LARGE_SITE_SMTP_PROCESSES + DESCRIPTOR_HEADROOM
 
 
 #: Makes the kernel refuse writable+executable memory for this process, as

@@ -2,7 +2,9 @@
 # mypy: disable-error-code="untyped-decorator"
 """The socketmap protocol on real loopback sockets, where replies are sent at
 once when nothing is buffered (protocol._write) and through Twisted's buffer
-otherwise: every reply arrives whole and in request order."""
+otherwise: every reply arrives whole and in request order. A client that
+pipelines requests without reading is not read from while its replies fill
+the buffer, so they cannot pile up in the daemon (issue 20)."""
 
 from __future__ import annotations
 
@@ -108,6 +110,46 @@ async def test_a_reply_larger_than_the_socket_buffer_arrives_whole_before_the_ne
         await deferLater(0.1)
         replies = await deferToThread(_read_replies, client, 2)
         assert replies == [("OK", BIG.data), ("OK", SMALL.data)]
+    finally:
+        await server.close(client)
+
+
+#: Requests a client pipelines without reading: their replies are far more
+#: than the kernel's loopback buffers (shrunk below) and Twisted's hold.
+PIPELINED = 60_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_does_not_read_is_not_read_from_while_its_replies_pile_up() -> None:
+    server = _Server(ScriptedResponder({b"fast.example": SMALL}))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(30)
+    client.connect(server.address)
+    request = socketmap.encode_request("postfix", b"fast.example")
+    reply = socketmap.encode_reply("OK", SMALL.data)
+    try:
+        while not server.protocols or server.protocols[0].transport is None:
+            await deferLater(0.01)
+        protocol = server.protocols[0]
+        transport: Any = protocol.transport
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sending = deferToThread(client.sendall, request * PIPELINED)
+        # Past the buffer size before the pause: the replies of the read that
+        # passed it, and of one read whose replies waited for the end of the
+        # loop turn (protocol._write); bounded, however many requests are sent.
+        one_read = (transport.bufferSize // len(request) + 1) * len(reply)
+        bound = transport.bufferSize + 2 * one_read
+        most = 0
+        for _ in range(100):
+            await deferLater(0.01)
+            most = max(most, len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
+        assert most <= bound, (most, bound)
+        assert protocol._paused_for_replies, "the server should have stopped reading"
+        replies = await deferToThread(_read_replies, client, PIPELINED)
+        await sending
+        assert replies == [("OK", SMALL.data)] * PIPELINED
+        assert not protocol._paused_for_replies
     finally:
         await server.close(client)
 

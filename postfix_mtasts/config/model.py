@@ -37,6 +37,8 @@ SECONDS_MAX: Final = 10 * 365 * 86_400
 #: Upper bounds of the whole-number settings, for the same reason.
 MEMORY_ENTRIES_MAX: Final = 100_000_000
 REFRESH_CONCURRENCY_MAX: Final = 1_000
+#: Largest listen backlog accepted; the kernel caps it at net.core.somaxconn anyway.
+LISTEN_BACKLOG_MAX: Final = 65_535
 #: Longest rendering of an offending value inside an error message.
 SHOWN_VALUE_MAX: Final = 60
 
@@ -140,6 +142,9 @@ class ListenConfig:
     tcp_table: tuple[ListenAddress, ...] = ()
     socketmap_idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT
     tcp_table_idle_timeout: float = limits.TCP_TABLE_IDLE_TIMEOUT
+    #: Connections the kernel queues on each listener before the daemon accepts
+    #: them; 0: as many as it allows (net.core.somaxconn).
+    backlog: int = 0
 
 
 @dataclass(frozen=True, slots=True)

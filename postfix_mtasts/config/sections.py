@@ -31,6 +31,7 @@ from postfix_mtasts.config.model import (
     DEFAULT_SENDMAIL_PATH,
     DEFAULT_SOCKETMAP_ADDRESS,
     FIRST_LOOKUP_TIMEOUT_ANSWERS,
+    LISTEN_BACKLOG_MAX,
     LOG_LEVELS,
     MEMORY_ENTRIES_MAX,
     POSTFIX_LOOKUP_TIMEOUT,
@@ -154,6 +155,7 @@ class _Sections(ValueReader):
                 "tcp_table",
                 "socketmap_idle_timeout",
                 "tcp_table_idle_timeout",
+                "backlog",
             ),
         )
         defaults = ListenConfig()
@@ -183,6 +185,7 @@ class _Sections(ValueReader):
             tcp_table_idle_timeout=self.seconds(
                 data, "tcp_table_idle_timeout", prefix, defaults.tcp_table_idle_timeout, 1
             ),
+            backlog=self.integer(data, "backlog", prefix, defaults.backlog, 0, LISTEN_BACKLOG_MAX),
         )
 
     def cache(self, data: Mapping[str, object]) -> CacheConfig:
