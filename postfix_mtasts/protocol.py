@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any, ClassVar, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -66,6 +68,15 @@ def describe_peer(address: IAddress | None) -> str:
     return f"unix:{name.decode() if isinstance(name, bytes) else name or '?'}"
 
 
+class ConnectionTracker(TypingProtocol):
+    """Who wants to know which connections are open (the service, to drain
+    them at shutdown)."""
+
+    def opened(self, connection: _LookupProtocol) -> None: ...
+
+    def closed(self, connection: _LookupProtocol) -> None: ...
+
+
 @implementer(IPushProducer)
 class _LookupProtocol(Protocol):
     """What socketmap and tcp_table share: ordering, idle timeout, errors,
@@ -82,10 +93,17 @@ class _LookupProtocol(Protocol):
         super().__init_subclass__(**kwargs)
         cls._replies = {}
 
-    def __init__(self, responder: Responder, idle_timeout: float, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        responder: Responder,
+        idle_timeout: float,
+        clock: IReactorTime,
+        tracker: ConnectionTracker | None = None,
+    ) -> None:
         self.responder = responder
         self.idle_timeout = idle_timeout
         self._clock: IReactorTime = clock
+        self._tracker = tracker
         self._idle_call: IDelayedCall | None = None
         self._active_at = 0.0
         # Each slot is a one-element list: the encoded reply, or None while
@@ -117,7 +135,14 @@ class _LookupProtocol(Protocol):
     def peer(self) -> str:
         return describe_peer(self.transport.getPeer() if self.transport else None)
 
+    @property
+    def busy(self) -> bool:
+        """True while a request of this connection still waits for its answer."""
+        return bool(self._pending)
+
     def connectionMade(self) -> None:
+        if self._tracker is not None:
+            self._tracker.opened(self)
         if _writes_eagerly(self.transport):
             self._socket = cast(socket.socket, cast(Any, self.transport).getHandle())
             # Twisted pauses a streaming producer when the transport's buffer
@@ -152,6 +177,8 @@ class _LookupProtocol(Protocol):
         cast(Any, self.transport).pauseProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._tracker is not None:
+            self._tracker.closed(self)
         self._closed = True
         self._outbox = None
         self._pending.clear()
@@ -349,8 +376,9 @@ class SocketmapProtocol(_LookupProtocol):
         idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT,
         *,
         clock: IReactorTime,
+        tracker: ConnectionTracker | None = None,
     ) -> None:
-        super().__init__(responder, idle_timeout, clock)
+        super().__init__(responder, idle_timeout, clock, tracker)
         self._decoder = socketmap.SocketmapDecoder()
 
     def dataReceived(self, data: bytes) -> None:
@@ -397,8 +425,9 @@ class TcpTableProtocol(_LookupProtocol):
         profile: str = DEFAULT_PROFILE,
         *,
         clock: IReactorTime,
+        tracker: ConnectionTracker | None = None,
     ) -> None:
-        super().__init__(responder, idle_timeout, clock)
+        super().__init__(responder, idle_timeout, clock, tracker)
         self.profile = profile
         self._decoder = tcptable.TcpTableDecoder()
 
@@ -414,7 +443,27 @@ class TcpTableProtocol(_LookupProtocol):
         return tcptable.encode_reply(code, text)
 
 
-class SocketmapFactory(Factory):
+class _LookupFactory(Factory):
+    """What both factories share: one responder, the idle timeout, the clock,
+    and whoever tracks connections (``tracker``) or counts accepts (``on_accept``)."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        idle_timeout: float,
+        *,
+        clock: IReactorTime,
+        tracker: ConnectionTracker | None = None,
+        on_accept: Callable[[], None] | None = None,
+    ) -> None:
+        self.responder = responder
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self.tracker = tracker
+        self.on_accept = on_accept
+
+
+class SocketmapFactory(_LookupFactory):
     """Builds a :class:`SocketmapProtocol` per connection, sharing one responder."""
 
     def __init__(
@@ -423,18 +472,22 @@ class SocketmapFactory(Factory):
         idle_timeout: float = limits.SOCKETMAP_IDLE_TIMEOUT,
         *,
         clock: IReactorTime,
+        tracker: ConnectionTracker | None = None,
+        on_accept: Callable[[], None] | None = None,
     ) -> None:
-        self.responder = responder
-        self.idle_timeout = idle_timeout
-        self.clock = clock
+        super().__init__(responder, idle_timeout, clock=clock, tracker=tracker, on_accept=on_accept)
 
     def buildProtocol(self, addr: IAddress | None) -> SocketmapProtocol:
-        protocol = SocketmapProtocol(self.responder, self.idle_timeout, clock=self.clock)
+        if self.on_accept is not None:
+            self.on_accept()
+        protocol = SocketmapProtocol(
+            self.responder, self.idle_timeout, clock=self.clock, tracker=self.tracker
+        )
         protocol.factory = self
         return protocol
 
 
-class TcpTableFactory(Factory):
+class TcpTableFactory(_LookupFactory):
     """Builds a :class:`TcpTableProtocol` per connection, sharing one responder."""
 
     def __init__(
@@ -444,13 +497,17 @@ class TcpTableFactory(Factory):
         profile: str = DEFAULT_PROFILE,
         *,
         clock: IReactorTime,
+        tracker: ConnectionTracker | None = None,
+        on_accept: Callable[[], None] | None = None,
     ) -> None:
-        self.responder = responder
-        self.idle_timeout = idle_timeout
+        super().__init__(responder, idle_timeout, clock=clock, tracker=tracker, on_accept=on_accept)
         self.profile = profile
-        self.clock = clock
 
     def buildProtocol(self, addr: IAddress | None) -> TcpTableProtocol:
-        protocol = TcpTableProtocol(self.responder, self.idle_timeout, self.profile, clock=self.clock)
+        if self.on_accept is not None:
+            self.on_accept()
+        protocol = TcpTableProtocol(
+            self.responder, self.idle_timeout, self.profile, clock=self.clock, tracker=self.tracker
+        )
         protocol.factory = self
         return protocol
