@@ -176,3 +176,18 @@ def test_doctor_decisions_are_pure() -> None:
     )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"doctor's pure modules pulled in: {result.stdout.strip()}"
+
+
+#: The most lines a module of the package may have: past it, a module does
+#: more than one job and becomes a package (DESIGN.md, "Small rooms").
+MODULE_LINES_MAX = 600
+
+
+def test_every_module_stays_a_small_room() -> None:
+    lines = {name: text.count("\n") for name, text in _sources().items()}
+    assert {name: count for name, count in lines.items() if count > MODULE_LINES_MAX} == {}
+
+
+def test_the_lookup_does_only_io_in_at_most_500_lines() -> None:
+    """The RFC 8461 decisions live in policy.freshness; lookup.py keeps the waiting."""
+    assert _sources()["postfix_mtasts.lookup"].count("\n") <= 500
