@@ -123,6 +123,10 @@ class Daemon:
         }
         for factory in self._factories.values():
             factory.noisy = False
+        if self._backlog_capped:
+            # Before listening: the first client may come at once, and whoever
+            # sees the listener up should find the reason for its backlog logged.
+            log.warning("%s", self._backlog_capped)
         keys = _listener_keys(config)
         for key in keys:
             try:
@@ -133,8 +137,6 @@ class Daemon:
         self._order_ports(config)
         for kind, address in keys:
             log.info("listening for %s on %s", kind, address)
-        if self._backlog_capped:
-            log.warning("%s", self._backlog_capped)
         # Lookups are answered from here on (a miss in the front reads the
         # store); the front warms meanwhile, and start() returns once it is warm.
         await lookup.start(warm_in_background=True)
