@@ -37,6 +37,7 @@ from postfix_mtasts.cache.sqlite_file import (
     examine,
     make_directory,
     move_aside,
+    statements,
 )
 from postfix_mtasts.cache.sqlite_file import Migration as Migration
 from postfix_mtasts.cache.sqlite_file import StoreError as StoreError
@@ -64,19 +65,12 @@ REASON_LIMIT = 160
 _T = TypeVar("_T")
 
 
-def _statements(*sql: str) -> Migration:
-    def migrate(conn: sqlite3.Connection) -> None:
-        for statement in sql:
-            conn.execute(statement)
-
-    return migrate
-
 
 #: The schema history; MIGRATIONS[n] takes a database from version n to n + 1.
 #: ``data`` is CacheEntry.to_json(); ``expires_at`` and ``last_used`` are copies
 #: of its fields so that prune and load are index scans, never JSON parses.
 MIGRATIONS: tuple[Migration, ...] = (
-    _statements(
+    statements(
         "CREATE TABLE entries ("
         " domain TEXT PRIMARY KEY,"
         " data TEXT NOT NULL,"

@@ -59,6 +59,16 @@ NAMED_TABLES_LIMIT = 5
 #: One schema step (sqlite.MIGRATIONS): run inside its own transaction, then user_version is bumped.
 Migration = Callable[[sqlite3.Connection], None]
 
+
+def statements(*sql: str) -> Migration:
+    """A schema step that runs ``sql``, one statement after another."""
+
+    def migrate(conn: sqlite3.Connection) -> None:
+        for statement in sql:
+            conn.execute(statement)
+
+    return migrate
+
 #: What a refusal tells the user to do.
 _WAY_OUT = "it is left untouched: set cache.path to another file (postfix-mtasts creates it)"
 

@@ -25,6 +25,7 @@ from datetime import datetime
 
 from zope.interface import implementer
 
+from postfix_mtasts.cache.sqlite_file import Migration, statements
 from postfix_mtasts.tlsrpt.model import Report, parse_report_text
 from postfix_mtasts.tlsrpt.store import (
     APPLICATION_ID,
@@ -58,21 +59,13 @@ NEW_SUFFIX = ".new"
 #: Files SQLite may keep beside a database.
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
-Migration = Callable[[sqlite3.Connection], None]
 
-
-def _statements(*sql: str) -> Migration:
-    def migrate(conn: sqlite3.Connection) -> None:
-        for statement in sql:
-            conn.execute(statement)
-
-    return migrate
 
 
 #: MIGRATIONS[n] takes the schema from version n to n + 1. Times are seconds since
 #: 1970 (UTC); ``org_key`` is the organisation without case, the identity's half.
 MIGRATIONS: tuple[Migration, ...] = (
-    _statements(
+    statements(
         "CREATE TABLE reports ("
         " id INTEGER PRIMARY KEY,"
         " org_key TEXT NOT NULL,"
