@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from postfix_mtasts.cache import CacheEntry, IPolicyStore, Source, StoreUnavailable
+from postfix_mtasts.policy.freshness import merged
 
 T = TypeVar("T")
 
@@ -195,23 +196,23 @@ class ResilientStore:
                     self._settle(write)
 
     async def _worth_writing(self, entries: list[CacheEntry]) -> list[CacheEntry]:
-        """``entries`` less those without a policy that have expired or would
-        replace a stored policy still in force.
+        """What to write of ``entries``, each merged with what the store holds
+        by :func:`postfix_mtasts.policy.freshness.merged` (the no-downgrade rule).
 
         Such an entry was learnt while the store could not be read: it says
         nothing about a policy stored there (by another daemon, or before a
-        restart), and RFC 8461 keeps a policy until its max_age runs out.
+        restart), and RFC 8461 keeps a policy until its max_age runs out. An
+        entry without a policy that is no longer in force is not written at all.
         """
         now = self._reactor.seconds()
         worth: list[CacheEntry] = []
         for entry in entries:
-            if entry.source is not Source.FETCHED:
-                if not entry.in_force(now):
-                    continue
-                stored = await self._call("get", partial(self.inner.get, entry.domain))
-                if stored is not None and stored.source is Source.FETCHED and stored.in_force(now):
-                    continue
-            worth.append(entry)
+            if entry.source is not Source.FETCHED and not entry.in_force(now):
+                continue
+            stored = await self._call("get", partial(self.inner.get, entry.domain))
+            best = merged(stored, entry, now)
+            if best is not None and best != stored:
+                worth.append(best)
         return worth
 
     def _settle(self, write: _PendingWrite) -> None:
