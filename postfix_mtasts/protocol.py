@@ -85,9 +85,6 @@ class _LookupProtocol(Protocol):
     # Per subclass (see __init_subclass__): id(answer) → (answer, its reply).
     # The answer is held, so its id cannot be reused while it is here.
     _replies: ClassVar[dict[int, tuple[Answer, bytes]]] = {}
-    # Shared by both protocols: connections whose replies go out at the end
-    # of this loop turn (see _write).
-    _to_flush: ClassVar[list[_LookupProtocol]] = []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -112,10 +109,8 @@ class _LookupProtocol(Protocol):
         self._closed = False
         # Set after a framing error: no more reading; close once answered.
         self._draining = False
-        # The socket replies may be sent on directly (see _write), or None.
+        # The socket replies may be sent on at once (see _write), or None.
         self._socket: socket.socket | None = None
-        # Replies waiting for the end of this loop turn (see _write), or None.
-        self._outbox: list[bytes] | None = None
         # Not reading because replies pile up (see pauseProducing); held: not
         # reading for good (the daemon is stopping).
         self._paused_for_replies = False
@@ -180,7 +175,6 @@ class _LookupProtocol(Protocol):
         if self._tracker is not None:
             self._tracker.closed(self)
         self._closed = True
-        self._outbox = None
         self._pending.clear()
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
@@ -211,47 +205,13 @@ class _LookupProtocol(Protocol):
         """Send a reply. Twisted's ``write`` only buffers it and asks the
         reactor to watch for writability: two more epoll_ctl calls and a
         loop turn per reply, most of what a warm hit costs. When the
-        transport has nothing buffered, the reply goes to its socket itself,
-        with those of every other connection answered in the same turn of
-        the reactor loop, just before the next poll (:meth:`_flush_all`).
-        Sent at once instead, each reply would bring that client's next
-        request back while the turn still runs, and under load the clients
-        answered early in a turn would get ahead of the others, turn after
-        turn (at 1000 connections some got half the answers others did).
-        Whatever does not fit the socket goes to ``write``, behind which
+        transport has nothing buffered, the reply goes to its socket at
+        once; whatever does not fit is handed to ``write``, behind which
         every later reply queues, so order holds."""
-        outbox = self._outbox
-        if outbox is not None:
-            outbox.append(data)
-            return
-        transport: Any = self.transport
-        if (self._socket is not None and not transport.dataBuffer and not transport._tempDataBuffer
-                and not transport.disconnecting):
-            self._outbox = [data]
-            waiting = _LookupProtocol._to_flush
-            if not waiting:
-                self._clock.callLater(0, _LookupProtocol._flush_all)
-            waiting.append(self)
-            return
-        transport.write(data)
-
-    @staticmethod
-    def _flush_all() -> None:
-        """Send the replies of every connection answered in this loop turn."""
-        waiting = _LookupProtocol._to_flush
-        _LookupProtocol._to_flush = []
-        for protocol in waiting:
-            protocol._flush()
-
-    def _flush(self) -> None:
-        outbox = self._outbox
-        if outbox is None:  # the connection was lost meanwhile
-            return
-        self._outbox = None
-        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
         transport: Any = self.transport
         sock = self._socket
-        if sock is not None and not transport.dataBuffer and not transport._tempDataBuffer:
+        if (sock is not None and not transport.dataBuffer and not transport._tempDataBuffer
+                and not transport.disconnecting):
             try:
                 sent = sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -267,7 +227,6 @@ class _LookupProtocol(Protocol):
     def _close(self) -> None:
         self._closed = True
         assert self.transport is not None
-        self._flush()  # loseConnection sends what the transport holds, then closes
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:

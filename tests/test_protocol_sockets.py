@@ -135,11 +135,8 @@ async def test_a_client_that_does_not_read_is_not_read_from_while_its_replies_pi
         transport: Any = protocol.transport
         transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         sending = deferToThread(client.sendall, request * PIPELINED)
-        # Past the buffer size before the pause: the replies of the read that
-        # passed it, and of one read whose replies waited for the end of the
-        # loop turn (protocol._write); bounded, however many requests are sent.
-        one_read = (transport.bufferSize // len(request) + 1) * len(reply)
-        bound = transport.bufferSize + 2 * one_read
+        # One read of requests past the buffer size: what may be queued before the pause.
+        bound = transport.bufferSize + (transport.bufferSize // len(request) + 1) * len(reply)
         most = 0
         for _ in range(100):
             await deferLater(0.01)
