@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def main() -> int:
         bench.stop_process(process)
     with open(log_path) as f:
         lines = [line.rstrip() for line in f if "descriptor" in line or "accept" in line.lower()]
+    shutil.rmtree(work, ignore_errors=True)
     result = {
         "root": args.root,
         "descriptor_limit": limit,

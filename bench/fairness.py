@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def main() -> int:
         samples = closed_loop(args.connections, args.seconds)
     finally:
         bench.stop_process(process)
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summarise(samples, args), indent=2))
     return 0
 

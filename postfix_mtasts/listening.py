@@ -143,11 +143,10 @@ class AcceptGuard:
             # Failed again since: look again once it has been quiet long enough.
             self._end_check = self.clock.callLater(self.quiet - quiet_for, self._end_burst)
             return
-        lasted = self.last_failure - self.burst_started
         log.warning(
-            "accepting connections again: %d refused in a burst of accept failures lasting %.1fs",
+            "accepting connections again: %d refused since the first failure %.1fs ago",
             self.refused,
-            lasted,
+            self.clock.seconds() - self.burst_started,
         )
         self.burst_started = None
         self.refused = 0
