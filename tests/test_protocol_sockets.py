@@ -117,6 +117,8 @@ async def test_a_reply_larger_than_the_socket_buffer_arrives_whole_before_the_ne
 #: Requests a client pipelines without reading: their replies are far more
 #: than the kernel's loopback buffers (shrunk below) and Twisted's hold.
 PIPELINED = 60_000
+#: Bounded polls (0.01 s each) for the server to pause or to close.
+POLLS = 1000
 
 
 @pytest_twisted.ensureDeferred
@@ -147,6 +149,58 @@ async def test_a_client_that_does_not_read_is_not_read_from_while_its_replies_pi
         await sending
         assert replies == [("OK", SMALL.data)] * PIPELINED
         assert not protocol._paused_for_replies
+    finally:
+        await server.close(client)
+
+
+def _read_until_closed(client: socket.socket) -> list[tuple[str, str]]:
+    """Every whole reply until the server closes (a close with requests
+    still unread reaches the client as a reset)."""
+    decoder = socketmap.SocketmapReplyDecoder()
+    replies: list[tuple[str, str]] = []
+    try:
+        while data := client.recv(65536):
+            replies.extend(decoder.feed(data))
+    except ConnectionResetError:
+        pass
+    return replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_closed_while_not_read_from_still_closes() -> None:
+    """Twisted closes a connection only once its producer is gone: one paused
+    for piling replies must still close (idle timeout, framing error, shutdown)."""
+    server = _Server(ScriptedResponder({b"fast.example": SMALL}))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(server.address)
+    client.setblocking(False)
+    requests = socketmap.encode_request("postfix", b"fast.example") * PIPELINED
+    try:
+        while not server.protocols or server.protocols[0].transport is None:
+            await deferLater(0.01)
+        protocol = server.protocols[0]
+        transport: Any = protocol.transport
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for _ in range(POLLS):
+            if protocol._paused_for_replies:
+                break
+            try:
+                requests = requests[client.send(requests) :]
+            except BlockingIOError:
+                pass
+            await deferLater(0.01)
+        assert protocol._paused_for_replies
+        protocol._close()
+        client.setblocking(True)
+        client.settimeout(30)
+        replies = await deferToThread(_read_until_closed, client)
+        assert replies == [("OK", SMALL.data)] * len(replies)
+        for _ in range(POLLS):
+            if not transport.connected:
+                break
+            await deferLater(0.01)
+        assert not transport.connected
     finally:
         await server.close(client)
 
