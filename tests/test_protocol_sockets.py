@@ -4,7 +4,8 @@
 once when nothing is buffered (protocol._write) and through Twisted's buffer
 otherwise: every reply arrives whole and in request order. A client that
 pipelines requests without reading is not read from while its replies fill
-the buffer, so they cannot pile up in the daemon (issue 20)."""
+the buffer, so they cannot pile up in the daemon (issue 20), and such a
+connection still closes when the daemon closes it."""
 
 from __future__ import annotations
 
