@@ -199,3 +199,14 @@ def test_load_merges_both_copies_most_recently_used_first(copies: Copies) -> Non
         ("b.example", Source.FETCHED),
     ]
     assert loaded[0].last_used == NOW - 1
+
+
+def test_start_up_reads_each_copy_once_when_it_held_less_than_asked(copies: Copies) -> None:
+    """The reconciliation reuses what the warm-up read: no second full read of
+    a shared store holding, say, 200,000 entries."""
+    result_of(run(copies.local.put(fetched("a.example"))))
+
+    result_of(run(copies.store.load(100)))
+
+    assert copies.local.calls["load"] == 1 and copies.shared.calls["load"] == 1
+    assert copies.shared.stored("a.example") is not None

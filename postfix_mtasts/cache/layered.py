@@ -102,7 +102,10 @@ class LayeredStore:
             if best is not None:
                 combined[entry.domain] = best
         if self.remote.available:
-            self._start_reconcile()
+            # What was just read is all there is when neither copy filled the
+            # limit: the reconciliation need not read both copies again.
+            complete = len(local) < limit and len(shared) < limit
+            self._start_reconcile((local, shared) if complete else None)
         result = sorted(combined.values(), key=lambda entry: entry.last_used, reverse=True)
         return result[:limit]
 
@@ -205,13 +208,13 @@ class LayeredStore:
         (or lost what it had) meanwhile."""
         self._start_reconcile()
 
-    def _start_reconcile(self) -> None:
+    def _start_reconcile(self, read: tuple[list[CacheEntry], list[CacheEntry]] | None = None) -> None:
         if self._closed:
             return
         if self._reconciling is not None:
             self._reconcile_again = True
             return
-        d = Deferred.fromCoroutine(self._reconcile())
+        d = Deferred.fromCoroutine(self._reconcile(read))
         self._reconciling = d
 
         def done(result: Any) -> None:
@@ -225,16 +228,22 @@ class LayeredStore:
 
         d.addBoth(done)
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, read: tuple[list[CacheEntry], list[CacheEntry]] | None) -> None:
         """Write to each copy what only the other one knows, entry by entry
-        through the merge, so that neither loses a policy in force."""
+        through the merge, so that neither loses a policy in force. ``read``:
+        both copies whole, as load() just read them; else they are read here."""
         now = self._reactor.seconds()
-        local = {entry.domain: entry for entry in await self.local.load(RECONCILE_LIMIT)}
-        if not self._shared_up():
-            return
-        shared = {entry.domain: entry for entry in await self.remote.load(RECONCILE_LIMIT)}
-        if not self._shared_up():
-            return
+        if read is None:
+            local_entries = await self.local.load(RECONCILE_LIMIT)
+            if not self._shared_up():
+                return
+            shared_entries = await self.remote.load(RECONCILE_LIMIT)
+            if not self._shared_up():
+                return
+        else:
+            local_entries, shared_entries = read
+        local = {entry.domain: entry for entry in local_entries}
+        shared = {entry.domain: entry for entry in shared_entries}
         to_shared = [entry for domain, entry in local.items()
                      if entry.in_force(now) and merged(shared.get(domain), entry, now) != shared.get(domain)]
         to_local = [entry for domain, entry in shared.items()
