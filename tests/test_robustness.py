@@ -25,6 +25,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.task import deferLater
 
+from postfix_mtasts.background import quiet
 from postfix_mtasts.codec import socketmap as socketmap_codec
 from postfix_mtasts.codec import tcptable as tcptable_codec
 from postfix_mtasts.protocol import SocketmapProtocol, TcpTableProtocol
@@ -158,7 +159,7 @@ class Storm:
     async def hold(self, connection: RawConnection) -> None:
         """Keep a connection open until every one of the storm is open, then close it."""
         self.held_open += 1
-        await _quiet_wait(self.all_open)
+        await quiet(self.all_open)
         connection.close()
 
     def random_domains(self, count: int) -> list[str]:
@@ -261,18 +262,6 @@ class Storm:
         connection.close()
         await connection.closed()
         self.outcomes["client closed mid-request"] += 1
-
-
-async def _quiet_wait(d: Deferred[None]) -> None:
-    """Wait for ``d`` without becoming its consumer (many wait on one Deferred)."""
-    waiter: Deferred[None] = Deferred()
-
-    def relay(result: object) -> object:
-        waiter.callback(None)
-        return result
-
-    d.addBoth(relay)
-    await waiter
 
 
 async def settle(daemon: RunningDaemon) -> int:
